@@ -1,0 +1,108 @@
+"""The public op: `lightning_attention`, dispatching to one implementation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+
+from lightning_jax import reference
+from lightning_jax._checks import check_inputs, compute_dtype
+from lightning_jax.xla import lightning_attention_xla
+
+
+def _xla(q, k, v, slopes, initial_state, block_size):
+    return lightning_attention_xla(q, k, v, slopes, initial_state, block_size=block_size)
+
+
+def _reference(q, k, v, slopes, initial_state, block_size):
+    del block_size  # the reference has no tiling
+    return reference.naive_attention(
+        q, k, v, slopes, initial_state=initial_state, return_final_state=True
+    )
+
+
+# name -> fn(q, k, v, slopes [H] f32, initial_state [B, H, d, e], block_size) -> (o, state)
+_IMPLS: dict[str, Callable] = {"xla": _xla, "reference": _reference}
+
+
+def available_impls() -> tuple[str, ...]:
+    """Names accepted by `lightning_attention(..., impl=...)`."""
+    return ("auto", *_IMPLS)
+
+
+def _resolve_impl(impl: str) -> str:
+    if impl == "auto":
+        return "xla"
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {available_impls()}, got {impl!r}")
+    return impl
+
+
+def lightning_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    slopes: jax.Array | float | None = None,
+    *,
+    initial_state: jax.Array | None = None,
+    return_final_state: bool = False,
+    impl: str = "auto",
+    block_size: int | None = None,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Causal linear attention with a per-head exponential decay (Lightning Attention-2).
+
+    For each (batch, head), with lambda = exp(-slope):
+
+        kv_t = lambda * kv_{t-1} + k_t^T v_t      (kv_0 = initial_state)
+        o_t  = q_t kv_t
+
+    i.e. o = ((Q K^T) * D) V + (lambda^(t+1) q_t) S0 with D[i, j] = lambda^(i-j)
+    for i >= j, else 0. The diagonal is included; there is no softmax and no
+    1/sqrt(d) scale: normalise outside the op.
+
+    Args:
+      q: `[B, H, T, D]` queries, any floating dtype.
+      k: `[B, H, T, D]` keys.
+      v: `[B, H, T, E]` values; E may differ from D.
+      slopes: None (lambda = 1, plain causal linear attention), a scalar for
+        every head, or `[H]` (e.g. `alibi_slopes(H)`), all >= 0. Slopes are
+        constants of the operator, as in the paper: no gradient flows to them.
+      initial_state: optional `[B, H, D, E]` state kv_0 (zeros if None).
+        Differentiable.
+      return_final_state: also return the state after the last token.
+      impl: "auto" (the best implementation for the default backend: "xla" on
+        CPU), "xla" (chunked pure-jnp with the paper's backward) or
+        "reference" (the O(T^2) masked formula; for checks only).
+      block_size: rows per block of the tiling (None: the implementation's
+        tuned default). Affects speed, not results (beyond rounding).
+
+    Returns:
+      o `[B, H, T, E]` in q's dtype (accumulated in float32); with
+      `return_final_state=True`, `(o, final_state)` where final_state
+      `[B, H, D, E]` float32 is kv after the last token.
+
+    Raises:
+      ValueError: a wrong rank or shape (naming the argument and shapes), an
+        unknown `impl`, a non-positive `block_size`, negative slopes.
+      TypeError: a non-floating dtype.
+    """
+    slopes = check_inputs(q, k, v, slopes, initial_state)
+    if not isinstance(return_final_state, bool):
+        raise TypeError(f"return_final_state must be a bool, got {return_final_state!r}")
+    if block_size is not None and (
+        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
+    ):
+        raise ValueError(f"block_size must be None or a positive int, got {block_size!r}")
+    fn = _IMPLS[_resolve_impl(impl)]
+
+    dtype = compute_dtype(q, k, v)
+    batch, heads, _, d = q.shape
+    e = v.shape[-1]
+    if initial_state is None:
+        s0 = jax.numpy.zeros((batch, heads, d, e), dtype)
+    else:
+        s0 = initial_state.astype(dtype)
+    o, state = fn(q, k, v, slopes, s0, block_size)
+    state = state.astype(jax.numpy.float32)
+    return (o, state) if return_final_state else o

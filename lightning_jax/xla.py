@@ -1,0 +1,289 @@
+"""Chunked pure-jnp Lightning Attention-2 (Algorithm 1) with the paper's backward (Algorithm 2).
+
+Layout of the computation. The sequence is cut into blocks of `block` rows
+(masked attention inside a block, a d x e state between blocks). Blocks are
+grouped into chunks of `chunk` rows; a `lax.scan` walks the chunks carrying the
+float32 state, and inside a chunk every block is processed at once with batched
+matmuls. The block-start states of one chunk are formed by one small matmul
+with a `[blocks+1, blocks]` decay matrix, so per-block states only ever exist
+for one chunk: the working set stays in cache and time per token is flat in
+seq. The backward is a reverse scan over chunks carrying dKV; it recomputes the
+block-start states of each chunk from the chunk-start state saved by the
+forward (one d x e state per chunk).
+
+A last block shorter than `block` (seq not a multiple of it) uses its true
+length in the key and block decays (DESIGN.md section 2), so the final state is
+exact. No decay with a negative exponent is ever formed.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+HIGHEST = lax.Precision.HIGHEST
+DEFAULT_BLOCK = 32
+DEFAULT_CHUNK = 256
+
+
+def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, a, b, precision=HIGHEST, preferred_element_type=a.dtype)
+
+
+class _Decays(NamedTuple):
+    """Decay factors of one chunk of `blocks` blocks of `block` rows, per head."""
+
+    q: jax.Array  # [G, C]: lambda^(i+1) on query row i
+    mask: jax.Array  # [G, C, C]: lambda^(i-j) for i >= j, else 0
+    k: jax.Array  # [G, nb, C]: lambda^(len_c-1-j) on key row j of block c
+    prefix: jax.Array  # [G, nb+1, nb]: increment of block c' -> start of block c
+    carry: jax.Array  # [G, nb+1]: chunk-start state -> start of block c
+
+
+def _decays(slopes: jax.Array, block: int, blocks: int, valid: int, dtype) -> _Decays:
+    """Decays of a chunk whose first `valid` rows are real (the rest is padding).
+
+    slopes: `[G]`, one per (batch, head) row of the flattened layout.
+
+    Exponents are static integers; block c holds len_c = clip(valid - c*block,
+    0, block) real rows, so padded blocks pass the state through unchanged.
+    """
+    rows = np.arange(block)
+    starts = np.arange(blocks) * block
+    lens = np.clip(valid - starts, 0, block)
+    cum = np.minimum(np.arange(blocks + 1) * block, valid)  # real rows before block c
+    gap = rows[:, None] - rows[None, :]
+    later = np.arange(blocks + 1)[:, None] > np.arange(blocks)[None, :]
+    exps = dict(
+        q=rows + 1,
+        mask=np.maximum(gap, 0),
+        k=np.maximum(lens[:, None] - 1 - rows[None, :], 0),
+        prefix=np.maximum(cum[:, None] - cum[None, 1:], 0),
+        carry=cum,
+    )
+    s = slopes.astype(dtype)
+
+    def decay(e: np.ndarray) -> jax.Array:
+        return jnp.exp(-s.reshape((-1,) + (1,) * e.ndim) * e.astype(np.float32))
+
+    return _Decays(
+        q=decay(exps["q"]),
+        mask=jnp.where(gap >= 0, decay(exps["mask"]), 0),
+        k=decay(exps["k"]),
+        prefix=jnp.where(later, decay(exps["prefix"]), 0),
+        carry=decay(exps["carry"]),
+    )
+
+
+def _prefix(matrix: jax.Array, states: jax.Array) -> jax.Array:
+    """[G, m, n] decay matrix times [G, n, d, e] states -> [G, m, d, e]."""
+    g, n, d, e = states.shape
+    out = jnp.matmul(matrix, states.reshape(g, n, d * e), precision=HIGHEST)
+    return out.reshape(g, -1, d, e)
+
+
+def _t(x: jax.Array) -> jax.Array:
+    """Swaps the last two axes. Contractions are written against explicitly
+    transposed operands so that XLA:CPU sees row-major [M, K] x [K, N] matmuls
+    (its fast path); the transpose fuses into the copy that reads the chunk."""
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _block_states(k_t, v, kv, dec: _Decays):
+    """State at every block start of a chunk, and after its last block.
+
+    k_t: [G, nb, d, C] keys, transposed; v: [G, nb, C, e]; kv: [G, d, e] state
+    before the chunk. Returns starts [G, nb+1, d, e].
+    """
+    increments = _einsum("gndc,gnce->gnde", k_t, v * dec.k[..., None])
+    return _prefix(dec.prefix, increments) + dec.carry[..., None, None] * kv[:, None]
+
+
+def _chunk_forward(q, k, v, kv, dec: _Decays):
+    """Output rows [G, nb, C, e] of one chunk and the state after it."""
+    k_t = lax.optimization_barrier(_t(k))
+    scores = _einsum("gncd,gndk->gnck", q, k_t) * dec.mask[:, None]
+    o = _einsum("gnck,gnke->gnce", scores, v)
+    starts = _block_states(k_t, v, kv, dec)
+    o = o + _einsum("gncd,gnde->gnce", q, starts[:, :-1]) * dec.q[:, None, :, None]
+    return o, starts[:, -1]
+
+
+def _chunk_backward(q, k, v, do, kv, dkv_end, dec: _Decays):
+    """Gradients of one chunk (Algorithm 2) given dL/d(state after the chunk).
+
+    Returns dq, dk, dv (blocked like the inputs) and dL/d(state before the chunk).
+    """
+    q_t, k_t, v_t, do_t = (_t(x) for x in (q, k, v, do))
+    starts = _block_states(k_t, v, kv, dec)
+    # dL/d(start state of block c) from the outputs of block c, and from the chunk end.
+    grads = _einsum("gndc,gnce->gnde", q_t, do * dec.q[:, None, :, None])
+    grads = jnp.concatenate([grads, dkv_end[:, None]], axis=1)  # [G, nb+1, d, e]
+    # dL/d(state increment of block c'): the transposed prefix sweep (dKV in reverse).
+    d_increments = _prefix(jnp.swapaxes(dec.prefix, 1, 2), grads)
+    dkv_start = _prefix(dec.carry[:, None, :], grads)[:, 0]
+
+    mask_t = _t(dec.mask)[:, None]
+    dscores_t = _einsum("gnke,gnec->gnkc", v, do_t) * mask_t  # [.., key, query]
+    scores_t = _einsum("gnkd,gndc->gnkc", k, q_t) * mask_t
+    dq = _einsum("gnck,gnkd->gncd", _t(dscores_t), k)
+    dq = dq + _einsum("gnce,gned->gncd", do, _t(starts[:, :-1])) * dec.q[:, None, :, None]
+    dk = _einsum("gnkc,gncd->gnkd", dscores_t, q)
+    dk = dk + _einsum("gnce,gned->gncd", v, _t(d_increments)) * dec.k[..., None]
+    dv = _einsum("gnkc,gnce->gnke", scores_t, do)
+    dv = dv + _einsum("gncd,gnde->gnce", k * dec.k[..., None], d_increments)
+    return dq, dk, dv, dkv_start
+
+
+class _Plan(NamedTuple):
+    """Static tiling of a sequence: `full` chunks of `chunk` rows, then a tail."""
+
+    block: int
+    chunk: int
+    full: int  # number of full chunks
+    tail: int  # real rows after the full chunks (0 if none)
+    tail_padded: int  # tail rounded up to a multiple of block
+
+
+def _plan(seq: int, block: int, chunk: int) -> _Plan:
+    block = min(block, seq)
+    chunk = max(block, chunk // block * block)
+    full, tail = divmod(seq, chunk)
+    return _Plan(block, chunk, full, tail, -(-tail // block) * block)
+
+
+def _read(x: jax.Array, start, rows: int, padded: int, plan: _Plan, dtype) -> jax.Array:
+    """Rows [start, start+rows) of x [G, T, d], zero-padded to `padded` rows: [G, nb, block, d]."""
+    x = lax.dynamic_slice_in_dim(x, start, rows, axis=1).astype(dtype)
+    if padded > rows:
+        x = jnp.pad(x, ((0, 0), (0, padded - rows), (0, 0)))
+    return x.reshape(x.shape[0], padded // plan.block, plan.block, x.shape[-1])
+
+
+def _write(buf: jax.Array, start, rows: int, blocked: jax.Array) -> jax.Array:
+    """Writes the first `rows` rows of blocked [G, nb, block, d] into buf [G, T, d] at start."""
+    x = blocked.reshape(blocked.shape[0], -1, blocked.shape[-1])[:, :rows].astype(buf.dtype)
+    return lax.dynamic_update_slice_in_dim(buf, x, start, axis=1)
+
+
+def _forward(q, k, v, slopes, s0, plan: _Plan):
+    """Returns o [G, T, e] in q's dtype, the final state, and what the backward needs."""
+    dtype = s0.dtype
+    o = jnp.zeros(v.shape, q.dtype)
+    kv, chunk_starts = s0, None
+    if plan.full:
+        dec = _decays(slopes, plan.block, plan.chunk // plan.block, plan.chunk, dtype)
+
+        def step(carry, i):
+            kv, o = carry
+            start = i * plan.chunk
+            qkv = (_read(x, start, plan.chunk, plan.chunk, plan, dtype) for x in (q, k, v))
+            o_chunk, kv_next = _chunk_forward(*qkv, kv, dec)
+            return (kv_next, _write(o, start, plan.chunk, o_chunk)), kv
+
+        (kv, o), chunk_starts = lax.scan(step, (kv, o), jnp.arange(plan.full))
+    tail_start = kv
+    if plan.tail:
+        start = plan.full * plan.chunk
+        dec = _decays(slopes, plan.block, plan.tail_padded // plan.block, plan.tail, dtype)
+        qkv = (_read(x, start, plan.tail, plan.tail_padded, plan, dtype) for x in (q, k, v))
+        o_chunk, kv = _chunk_forward(*qkv, kv, dec)
+        o = _write(o, start, plan.tail, o_chunk)
+    return o, kv, (chunk_starts, tail_start)
+
+
+def _backward(q, k, v, slopes, do, dkv, starts, plan: _Plan):
+    """Reverse sweep: returns dq, dk, dv in the inputs' dtypes and dL/d(initial state)."""
+    dtype = dkv.dtype
+    chunk_starts, tail_start = starts
+    grads = tuple(jnp.zeros(x.shape, x.dtype) for x in (q, k, v))
+
+    def chunk_grads(grads, dkv, kv, start, rows, padded, dec):
+        blocked = (_read(x, start, rows, padded, plan, dtype) for x in (q, k, v, do))
+        *chunk, dkv = _chunk_backward(*blocked, kv, dkv, dec)
+        return tuple(_write(g, start, rows, c) for g, c in zip(grads, chunk)), dkv
+
+    if plan.tail:
+        dec = _decays(slopes, plan.block, plan.tail_padded // plan.block, plan.tail, dtype)
+        start = plan.full * plan.chunk
+        grads, dkv = chunk_grads(grads, dkv, tail_start, start, plan.tail, plan.tail_padded, dec)
+    if plan.full:
+        dec = _decays(slopes, plan.block, plan.chunk // plan.block, plan.chunk, dtype)
+
+        def step(carry, xs):
+            i, kv = xs
+            grads, dkv = carry
+            return chunk_grads(grads, dkv, kv, i * plan.chunk, plan.chunk, plan.chunk, dec), None
+
+        (grads, dkv), _ = lax.scan(
+            step, (grads, dkv), (jnp.arange(plan.full), chunk_starts), reverse=True
+        )
+    return (*grads, dkv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _lightning(q, k, v, slopes, s0, block, chunk):
+    plan = _plan(q.shape[1], block, chunk)
+    o, kv, _ = _forward(q, k, v, slopes, s0, plan)
+    return o, kv
+
+
+def _lightning_fwd(q, k, v, slopes, s0, block, chunk):
+    plan = _plan(q.shape[1], block, chunk)
+    o, kv, starts = _forward(q, k, v, slopes, s0, plan)
+    return (o, kv), (q, k, v, slopes, starts)
+
+
+def _lightning_bwd(block, chunk, res, cotangents):
+    q, k, v, slopes, starts = res
+    do, dkv = cotangents
+    plan = _plan(q.shape[1], block, chunk)
+    dq, dk, dv, ds0 = _backward(q, k, v, slopes, do, dkv, starts, plan)
+    # Slopes are constants of the operator (as in the paper): no gradient flows to them.
+    return dq, dk, dv, jnp.zeros_like(slopes), ds0
+
+
+_lightning.defvjp(_lightning_fwd, _lightning_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "chunk_size"))
+def lightning_attention_xla(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    slopes: jax.Array,
+    initial_state: jax.Array,
+    *,
+    block_size: int | None = None,
+    chunk_size: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Chunked XLA path on checked inputs; returns (o, final_state).
+
+    Args:
+      q, k: `[B, H, T, D]`; v: `[B, H, T, E]`; slopes: float32 `[H]`;
+      initial_state: `[B, H, D, E]` in the compute dtype (float32, or float64).
+      block_size: rows per block of the masked intra-block product.
+      chunk_size: rows per scan step (rounded down to a multiple of the block).
+    """
+    block = DEFAULT_BLOCK if block_size is None else block_size
+    chunk = DEFAULT_CHUNK if chunk_size is None else chunk_size
+    batch, heads, seq, d = q.shape
+    e = v.shape[-1]
+    groups = batch * heads
+    # Flatten (batch, head) into one leading axis G so that every contraction is a
+    # plain batched matmul with no transposes (per-G decay tables are tiny).
+    o, state = _lightning(
+        q.reshape(groups, seq, d),
+        k.reshape(groups, seq, d),
+        v.reshape(groups, seq, e),
+        jnp.tile(lax.stop_gradient(slopes), batch),
+        initial_state.reshape(groups, d, e),
+        block,
+        chunk,
+    )
+    return o.reshape(batch, heads, seq, e), state.reshape(batch, heads, d, e)

@@ -1,0 +1,327 @@
+"""One test suite for every implementation of `lj.lightning_attention`.
+
+Each implementation subclasses `LightningOpTestBase` and sets `impl` (and, if
+needed, `op_kwargs`), so a new kernel gets the whole suite by adding one class.
+Every check compares against the pure-jnp references in `lightning_jax.reference`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lightning_jax as lj
+from lightning_jax import reference
+
+# (batch, heads, seq, d, e, slopes, block_size): the awkward shapes of DESIGN.md section 6.
+CASES = [
+    (2, 3, 1, 16, 16, "alibi", None),
+    (1, 2, 63, 60, 100, "strong", None),
+    (1, 2, 64, 64, 64, "none", None),
+    (2, 3, 65, 16, 60, "strong", 16),
+    (1, 5, 500, 100, 16, "alibi", None),
+    (1, 2, 1023, 64, 128, "strong", 64),
+    (1, 1, 300, 192, 32, "zero", 32),
+    (1, 2, 130, 256, 64, "one", None),
+    (1, 3, 97, 128, 192, "scalar", 16),
+]
+
+
+def case_id(case) -> str:
+    b, h, n, d, e, s, blk = case
+    return f"b{b}h{h}n{n}d{d}e{e}-{s}-blk{blk}"
+
+
+def make_slopes(kind: str, heads: int):
+    if kind == "none":
+        return None
+    if kind == "zero":
+        return 0.0
+    if kind == "scalar":
+        return 0.5
+    if kind == "one":
+        return jnp.ones((heads,), jnp.float32)
+    if kind == "alibi":
+        return lj.alibi_slopes(heads)
+    if kind == "strong":  # strong enough to expose an off-by-one in the block decays
+        return jnp.linspace(0.3, 1.0, heads, dtype=jnp.float32)
+    raise ValueError(kind)
+
+
+def make_inputs(seed: int, b: int, h: int, n: int, d: int, e: int, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 6)
+    q = jax.random.normal(keys[0], (b, h, n, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(keys[1], (b, h, n, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(keys[2], (b, h, n, e), jnp.float32).astype(dtype)
+    s0 = jax.random.normal(keys[3], (b, h, d, e), jnp.float32)
+    do = jax.random.normal(keys[4], (b, h, n, e), jnp.float32)
+    ds = jax.random.normal(keys[5], (b, h, d, e), jnp.float32)
+    return q, k, v, s0, do, ds
+
+
+def max_rel_err(actual, expected) -> float:
+    """max |actual - expected| relative to the expected output's scale."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    scale = max(np.max(np.abs(expected)), 1e-30)
+    return float(np.max(np.abs(actual - expected)) / scale)
+
+
+def rms_ratio(actual, expected) -> float:
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    return float(np.sqrt(np.mean((actual - expected) ** 2)) / np.sqrt(np.mean(expected**2)))
+
+
+def assert_close(actual, expected, tol: float, what: str):
+    assert np.all(np.isfinite(np.asarray(actual, np.float64))), f"{what}: non-finite values"
+    err = max_rel_err(actual, expected)
+    assert err <= tol, f"{what}: max error {err:.3g} of the output scale > {tol:g}"
+
+
+def assert_rms_close(actual, expected, tol: float, what: str):
+    assert np.all(np.isfinite(np.asarray(actual, np.float64))), f"{what}: non-finite values"
+    err = rms_ratio(actual, expected)
+    assert err <= tol, f"{what}: RMS error ratio {err:.3g} > {tol:g}"
+
+
+def loss_and_grads(fn, q, k, v, s0, do, ds):
+    """Gradients of <o, do> + <state, ds> w.r.t. q, k, v, initial_state."""
+
+    def loss(q, k, v, s0):
+        o, state = fn(q, k, v, s0)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(state * ds)
+
+    return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, s0)
+
+
+F32_TOL = 1e-5
+BF16_OUT_TOL = 5e-3
+BF16_GRAD_TOL = 1e-2
+
+
+class LightningOpTestBase:
+    """Subclasses set `impl` and optionally `op_kwargs` passed to the op."""
+
+    impl: ClassVar[str] = ""
+    op_kwargs: ClassVar[dict[str, Any]] = {}
+
+    def op(self, q, k, v, slopes=None, **kwargs):
+        return lj.lightning_attention(q, k, v, slopes, impl=self.impl, **self.op_kwargs, **kwargs)
+
+    def stateful(self, slopes, block_size=None):
+        """(q, k, v, s0) -> (o, state) with this implementation."""
+        return lambda q, k, v, s0: self.op(
+            q, k, v, slopes, initial_state=s0, return_final_state=True, block_size=block_size
+        )
+
+    # --- forward and gradients against both references -----------------------------------
+
+    @pytest.mark.parametrize("case", CASES, ids=case_id)
+    def test_forward_and_grads_f32(self, case):
+        b, h, n, d, e, kind, block = case
+        slopes = make_slopes(kind, h)
+        q, k, v, s0, do, ds = make_inputs(0, b, h, n, d, e)
+        fn = jax.jit(self.stateful(slopes, block))
+        o, state = fn(q, k, v, s0)
+        assert o.shape == (b, h, n, e) and o.dtype == jnp.float32
+        assert state.shape == (b, h, d, e) and state.dtype == jnp.float32
+        grads = jax.jit(functools.partial(loss_and_grads, fn))(q, k, v, s0, do, ds)
+        for name, ref in (
+            ("naive", reference.naive_attention),
+            ("recurrent", reference.recurrent_attention),
+        ):
+            ref_fn = lambda q, k, v, s0, ref=ref: ref(  # noqa: E731
+                q, k, v, slopes, initial_state=s0, return_final_state=True
+            )
+            o_ref, state_ref = ref_fn(q, k, v, s0)
+            assert_close(o, o_ref, F32_TOL, f"o vs {name}")
+            assert_close(state, state_ref, F32_TOL, f"final state vs {name}")
+            ref_grads = loss_and_grads(ref_fn, q, k, v, s0, do, ds)
+            for g_name, g, g_ref in zip(("dq", "dk", "dv", "d_initial_state"), grads, ref_grads):
+                assert_close(g, g_ref, F32_TOL, f"{g_name} vs {name}")
+
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+    @pytest.mark.parametrize("case", [CASES[3], CASES[5]], ids=case_id)
+    def test_low_precision(self, case, dtype):
+        b, h, n, d, e, kind, block = case
+        slopes = make_slopes(kind, h)
+        q, k, v, s0, do, ds = make_inputs(1, b, h, n, d, e, dtype)
+        fn = self.stateful(slopes, block)
+        o, state = jax.jit(fn)(q, k, v, s0)
+        assert o.dtype == dtype and state.dtype == jnp.float32
+        grads = jax.jit(functools.partial(loss_and_grads, fn))(q, k, v, s0, do, ds)
+        # The reference sees the same (rounded) inputs, in float32.
+        up = [x.astype(jnp.float32) for x in (q, k, v)]
+
+        def ref_fn(q, k, v, s0):
+            return reference.naive_attention(
+                q, k, v, slopes, initial_state=s0, return_final_state=True
+            )
+
+        o_ref, state_ref = ref_fn(*up, s0)
+        assert_rms_close(o, o_ref, BF16_OUT_TOL, "o")
+        assert_rms_close(state, state_ref, BF16_OUT_TOL, "final state")
+        ref_grads = loss_and_grads(ref_fn, *up, s0, do, ds)
+        for g_name, g, g_ref, x in zip(("dq", "dk", "dv", "ds0"), grads, ref_grads, (q, k, v, s0)):
+            assert g.dtype == x.dtype, g_name
+            assert_rms_close(g, g_ref, BF16_GRAD_TOL, g_name)
+
+    # --- identities -------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("split", [1, 37, 100])
+    def test_chain_identity(self, split):
+        """[x1; x2] in one call == x1, then x2 from x1's final state."""
+        b, h, n, d, e = 1, 3, 160, 24, 40
+        slopes = make_slopes("strong", h)
+        q, k, v, s0, _, _ = make_inputs(2, b, h, n, d, e)
+        fn = jax.jit(self.stateful(slopes, 32))
+        o, state = fn(q, k, v, s0)
+        o1, mid = fn(q[:, :, :split], k[:, :, :split], v[:, :, :split], s0)
+        o2, end = fn(q[:, :, split:], k[:, :, split:], v[:, :, split:], mid)
+        assert_close(jnp.concatenate([o1, o2], axis=2), o, F32_TOL, "chained o")
+        assert_close(end, state, F32_TOL, "chained final state")
+
+    def test_seq_one_is_one_recurrence_step(self):
+        b, h, d, e = 2, 3, 8, 12
+        slopes = make_slopes("alibi", h)
+        q, k, v, s0, _, _ = make_inputs(3, b, h, 1, d, e)
+        o, state = self.op(q, k, v, slopes, initial_state=s0, return_final_state=True)
+        lam = jnp.exp(-slopes)[None, :, None, None]
+        expected_state = lam * s0 + k[:, :, 0, :, None] * v[:, :, 0, None, :]
+        expected_o = jnp.einsum("bhd,bhde->bhe", q[:, :, 0], expected_state, precision="highest")
+        assert_close(state, expected_state, F32_TOL, "state")
+        assert_close(o[:, :, 0], expected_o, F32_TOL, "o")
+
+    def test_deterministic(self):
+        q, k, v, s0, do, ds = make_inputs(4, 1, 2, 200, 32, 32)
+        fn = self.stateful(make_slopes("alibi", 2))
+        grad_fn = jax.jit(functools.partial(loss_and_grads, fn))
+        first = (jax.jit(fn)(q, k, v, s0), grad_fn(q, k, v, s0, do, ds))
+        second = (jax.jit(fn)(q, k, v, s0), grad_fn(q, k, v, s0, do, ds))
+        for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    def test_defaults_return_only_output(self):
+        q, k, v, *_ = make_inputs(5, 1, 2, 20, 8, 8)
+        o = self.op(q, k, v)
+        assert isinstance(o, jax.Array) and o.shape == (1, 2, 20, 8)
+        assert_close(o, reference.naive_attention(q, k, v), F32_TOL, "o without state")
+
+    # --- composition -------------------------------------------------------------------------
+
+    def test_vmap(self):
+        q, k, v, s0, _, _ = make_inputs(6, 1, 2, 50, 8, 8)
+        xs = [jnp.stack([x, 2 * x, -x]) for x in (q, k, v, s0)]
+        slopes = make_slopes("strong", 2)
+        batched = jax.vmap(self.stateful(slopes))(*xs)
+        for i in range(3):
+            single = self.stateful(slopes)(*(x[i] for x in xs))
+            for a, b in zip(batched, single):
+                assert_close(a[i], b, F32_TOL, f"vmap item {i}")
+
+    def test_checkpoint_and_scan_over_layers(self):
+        """grad through lax.scan over layers of jax.checkpoint(op) == the reference's."""
+        b, h, n, d, layers = 1, 2, 70, 16, 3
+        q, k, v, *_ = make_inputs(7, b, h, n, d, d)
+        w = jax.random.normal(jax.random.PRNGKey(8), (layers, d, d)) / np.sqrt(d)
+        slopes = make_slopes("alibi", h)
+
+        def model(attn):
+            def run(w, x):
+                def layer(x, w_l):
+                    y = attn(jnp.tanh(x @ w_l), jnp.tanh(x), x, slopes)
+                    return x + y / n, None
+
+                return jnp.sum(jnp.tanh(jax.lax.scan(jax.checkpoint(layer), x, w)[0]))
+
+            return jax.jit(jax.grad(run, argnums=(0, 1)))
+
+        got = model(self.op)(w, q)
+        want = model(reference.naive_attention)(w, q)
+        for a, b in zip(got, want):
+            assert_close(a, b, 1e-4, "grad through scan(checkpoint(layer))")
+
+    def test_slopes_are_constants(self):
+        """Slopes get no gradient (as in the paper); documented in the docstring."""
+        q, k, v, *_ = make_inputs(9, 1, 2, 20, 8, 8)
+        g = jax.grad(lambda s: jnp.sum(self.op(q, k, v, s)))(jnp.array([0.1, 0.2]))
+        np.testing.assert_array_equal(np.asarray(g), np.zeros(2))
+
+    # --- bad input ---------------------------------------------------------------------------
+
+    @pytest.mark.parametrize(
+        "change, error, match",
+        [
+            (dict(q=jnp.zeros((2, 10, 8))), ValueError, "q must have rank 4"),
+            (dict(v=jnp.zeros((1, 2, 10))), ValueError, "v must have rank 4"),
+            (dict(k=jnp.zeros((1, 2, 10, 9))), ValueError, "q and k must have the same shape"),
+            (dict(k=jnp.zeros((1, 3, 10, 8))), ValueError, "q and k must have the same shape"),
+            (dict(v=jnp.zeros((1, 2, 11, 8))), ValueError, "v must match q"),
+            (dict(v=jnp.zeros((2, 2, 10, 8))), ValueError, "v must match q"),
+            (
+                dict(
+                    q=jnp.zeros((1, 2, 0, 8)), k=jnp.zeros((1, 2, 0, 8)), v=jnp.zeros((1, 2, 0, 8))
+                ),
+                ValueError,
+                "non-empty",
+            ),
+            (
+                dict(q=jnp.zeros((1, 2, 10, 8), jnp.int32)),
+                TypeError,
+                "q must have a floating dtype",
+            ),
+            (
+                dict(v=jnp.zeros((1, 2, 10, 8), jnp.bool_)),
+                TypeError,
+                "v must have a floating dtype",
+            ),
+            (
+                dict(slopes=jnp.zeros((3,))),
+                ValueError,
+                r"slopes must be None, a scalar or shape \[heads\]",
+            ),
+            (dict(slopes=jnp.zeros((1, 2))), ValueError, "slopes must be None"),
+            (
+                dict(slopes=jnp.zeros((2,), jnp.int32)),
+                TypeError,
+                "slopes must have a floating dtype",
+            ),
+            (dict(slopes=jnp.array([0.1, -0.2])), ValueError, "slopes must be finite and >= 0"),
+            (dict(slopes=-1.0), ValueError, "slopes must be finite and >= 0"),
+            (dict(slopes=float("nan")), ValueError, "slopes must be finite and >= 0"),
+            (
+                dict(initial_state=jnp.zeros((1, 2, 8, 7))),
+                ValueError,
+                "initial_state must have shape",
+            ),
+            (dict(initial_state=jnp.zeros((2, 8, 8))), ValueError, "initial_state must have shape"),
+            (
+                dict(initial_state=jnp.zeros((1, 2, 8, 8), jnp.int32)),
+                TypeError,
+                "initial_state must have a floating",
+            ),
+            (dict(block_size=0), ValueError, "block_size must be None or a positive int"),
+            (dict(block_size=-16), ValueError, "block_size must be None or a positive int"),
+            (dict(block_size=16.0), ValueError, "block_size must be None or a positive int"),
+            (dict(impl="flash"), ValueError, r"impl must be one of \('auto'"),
+            (dict(return_final_state="yes"), TypeError, "return_final_state must be a bool"),
+        ],
+    )
+    def test_bad_input(self, change, error, match):
+        args = dict(
+            q=jnp.zeros((1, 2, 10, 8)), k=jnp.zeros((1, 2, 10, 8)), v=jnp.zeros((1, 2, 10, 8))
+        )
+        args.update(change)
+        if "impl" not in change:
+            args["impl"] = self.impl
+            args.update(self.op_kwargs)
+        q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+        slopes = args.pop("slopes", None)
+        with pytest.raises(error, match=match):
+            lj.lightning_attention(q, k, v, slopes, **args)

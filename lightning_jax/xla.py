@@ -42,6 +42,7 @@ class _Decays(NamedTuple):
     mask: jax.Array  # [G, C, C]: lambda^(i-j) for i >= j, else 0
     k: jax.Array  # [G, nb, C]: lambda^(len_c-1-j) on key row j of block c
     prefix: jax.Array  # [G, nb+1, nb]: increment of block c' -> start of block c
+    suffix: jax.Array  # [G, nb, nb+1]: prefix transposed (the reverse sweep of dKV)
     carry: jax.Array  # [G, nb+1]: chunk-start state -> start of block c
 
 
@@ -76,6 +77,8 @@ def _decays(slopes: jax.Array, block: int, blocks: int, valid: int, dtype) -> _D
         mask=jnp.where(gap >= 0, decay(exps["mask"]), 0),
         k=decay(exps["k"]),
         prefix=jnp.where(later, decay(exps["prefix"]), 0),
+        # Built transposed rather than transposing `prefix`, so the matmul stays row-major.
+        suffix=jnp.where(later.T, decay(exps["prefix"].T), 0),
         carry=decay(exps["carry"]),
     )
 
@@ -88,10 +91,18 @@ def _prefix(matrix: jax.Array, states: jax.Array) -> jax.Array:
 
 
 def _t(x: jax.Array) -> jax.Array:
-    """Swaps the last two axes. Contractions are written against explicitly
-    transposed operands so that XLA:CPU sees row-major [M, K] x [K, N] matmuls
-    (its fast path); the transpose fuses into the copy that reads the chunk."""
+    """Swaps the last two axes."""
     return jnp.swapaxes(x, -1, -2)
+
+
+def _transposed(*xs: jax.Array):
+    """Physically transposed copies of the last two axes.
+
+    XLA folds a plain transpose into the dot's dimension numbers, and XLA:CPU
+    runs such [K, M]^T x [K, N] dots on a slower path than row-major ones; the
+    barrier keeps the transpose, which fuses into the copy that reads the chunk.
+    """
+    return lax.optimization_barrier(tuple(_t(x) for x in xs))
 
 
 def _block_states(k_t, v, kv, dec: _Decays):
@@ -106,7 +117,7 @@ def _block_states(k_t, v, kv, dec: _Decays):
 
 def _chunk_forward(q, k, v, kv, dec: _Decays):
     """Output rows [G, nb, C, e] of one chunk and the state after it."""
-    k_t = lax.optimization_barrier(_t(k))
+    (k_t,) = _transposed(k)
     scores = _einsum("gncd,gndk->gnck", q, k_t) * dec.mask[:, None]
     o = _einsum("gnck,gnke->gnce", scores, v)
     starts = _block_states(k_t, v, kv, dec)
@@ -119,22 +130,23 @@ def _chunk_backward(q, k, v, do, kv, dkv_end, dec: _Decays):
 
     Returns dq, dk, dv (blocked like the inputs) and dL/d(state before the chunk).
     """
-    q_t, k_t, v_t, do_t = (_t(x) for x in (q, k, v, do))
+    q_t, k_t, do_t = _transposed(q, k, do)
     starts = _block_states(k_t, v, kv, dec)
     # dL/d(start state of block c) from the outputs of block c, and from the chunk end.
     grads = _einsum("gndc,gnce->gnde", q_t, do * dec.q[:, None, :, None])
     grads = jnp.concatenate([grads, dkv_end[:, None]], axis=1)  # [G, nb+1, d, e]
     # dL/d(state increment of block c'): the transposed prefix sweep (dKV in reverse).
-    d_increments = _prefix(jnp.swapaxes(dec.prefix, 1, 2), grads)
+    d_increments = _prefix(dec.suffix, grads)
     dkv_start = _prefix(dec.carry[:, None, :], grads)[:, 0]
 
     mask_t = _t(dec.mask)[:, None]
     dscores_t = _einsum("gnke,gnec->gnkc", v, do_t) * mask_t  # [.., key, query]
     scores_t = _einsum("gnkd,gndc->gnkc", k, q_t) * mask_t
-    dq = _einsum("gnck,gnkd->gncd", _t(dscores_t), k)
-    dq = dq + _einsum("gnce,gned->gncd", do, _t(starts[:, :-1])) * dec.q[:, None, :, None]
+    dscores, starts_t, d_increments_t = _transposed(dscores_t, starts[:, :-1], d_increments)
+    dq = _einsum("gnck,gnkd->gncd", dscores, k)
+    dq = dq + _einsum("gnce,gned->gncd", do, starts_t) * dec.q[:, None, :, None]
     dk = _einsum("gnkc,gncd->gnkd", dscores_t, q)
-    dk = dk + _einsum("gnce,gned->gncd", v, _t(d_increments)) * dec.k[..., None]
+    dk = dk + _einsum("gnce,gned->gncd", v, d_increments_t) * dec.k[..., None]
     dv = _einsum("gnkc,gnce->gnke", scores_t, do)
     dv = dv + _einsum("gncd,gnde->gnce", k * dec.k[..., None], d_increments)
     return dq, dk, dv, dkv_start

@@ -40,6 +40,19 @@ flags.DEFINE_integer("reference_max_seq", 4096, "The O(n^2) reference only up to
 flags.DEFINE_integer("reps", 7, "Interleaved repetitions (median reported).")
 flags.DEFINE_integer("matmul_size", 2048, "Square f32 matmul size for the machine's GFLOP/s.")
 flags.DEFINE_string("out", "results/bench_ops.json", "JSON output path ('' to skip).")
+flags.DEFINE_bool("markdown", False, "Also print the table as markdown.")
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where available."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def useful_flops(n: int, batch: int, heads: int, d: int, e: int) -> float:
@@ -78,6 +91,13 @@ def run(impls, batch, heads, dim, dtype, seqs, reference_max_seq, reps, matmul_s
     matmul = jax.jit(lambda x: x @ x)
     jobs = []  # (impl, seq, kind, fn, args)
     rows = {}
+    # What a fresh output array of the op's size costs by itself (page faults of new
+    # memory grow with size on CPU): explains drift that is not in the op's compute.
+    fresh_output = jax.jit(lambda x: jnp.zeros_like(x))
+    for n in seqs:
+        x = jnp.ones((batch, heads, n, dim), dtype)
+        jax.block_until_ready(fresh_output(x))
+        jobs.append(("fresh-output", n, "fwd", fresh_output, (x,)))
     for impl in impls:
         fwd, fwd_bwd = _make_fns(impl, slopes)
         for n in seqs:
@@ -107,13 +127,18 @@ def run(impls, batch, heads, dim, dtype, seqs, reference_max_seq, reps, matmul_s
             for _ in range(calls):
                 jax.block_until_ready(fn(*args))
             times[(impl, n, kind)].append((time.perf_counter() - start) / calls)
+    alloc = {}
     for (impl, n, kind), ts in times.items():
         t = statistics.median(ts)
+        if impl == "fresh-output":
+            alloc[n] = t
+            continue
         row = rows[(impl, n)]
         row[f"{kind}_s"] = t
         row[f"{kind}_us_per_token"] = t / n * 1e6
         row[f"{kind}_temp_bytes_per_token"] = row[f"{kind}_temp_bytes"] / n
     for row in rows.values():
+        row["fresh_output_us_per_token"] = alloc[row["seq"]] / row["seq"] * 1e6
         row["fwd_useful_gflops"] = (
             useful_flops(row["seq"], batch, heads, dim, dim) / row["fwd_s"] / 1e9
         )
@@ -125,15 +150,16 @@ def report(result: dict, seqs) -> list[str]:
     mm = result["matmul_gflops"]
     lines = [
         f"dense f32 matmul: {mm:.1f} GFLOP/s (median)",
+        "alloc us/tok: time to create one fresh zero array of the output's size (not in the op)",
         f"{'impl':>10} {'seq':>7} {'fwd us/tok':>11} {'f+b us/tok':>11} {'fwd GF/s':>9} "
-        f"{'of matmul':>9} {'fwd tmp B/tok':>13} {'f+b tmp B/tok':>13}",
+        f"{'of matmul':>9} {'fwd tmp B/tok':>13} {'f+b tmp B/tok':>13} {'alloc us/tok':>12}",
     ]
     for r in result["rows"]:
         lines.append(
             f"{r['impl']:>10} {r['seq']:>7} {r['fwd_us_per_token']:>11.3f} "
             f"{r['fwd_bwd_us_per_token']:>11.3f} {r['fwd_useful_gflops']:>9.1f} "
             f"{r['fwd_useful_gflops'] / mm:>9.1%} {r['fwd_temp_bytes_per_token']:>13.0f} "
-            f"{r['fwd_bwd_temp_bytes_per_token']:>13.0f}"
+            f"{r['fwd_bwd_temp_bytes_per_token']:>13.0f} {r['fresh_output_us_per_token']:>12.3f}"
         )
     for impl in dict.fromkeys(r["impl"] for r in result["rows"]):
         by_seq = {r["seq"]: r for r in result["rows"] if r["impl"] == impl}
@@ -154,6 +180,25 @@ def report(result: dict, seqs) -> list[str]:
             + " (target: flat, not growing)",
         ]
     return lines
+
+
+def markdown(result: dict) -> str:
+    """The table as markdown, for the README."""
+    mm = result["matmul_gflops"]
+    lines = [
+        "| impl | seq | fwd us/token | fwd+bwd us/token | fwd GFLOP/s | of matmul "
+        "| fwd temp B/token | fwd+bwd temp B/token | alloc us/token |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['impl']} | {r['seq']} | {r['fwd_us_per_token']:.2f} "
+            f"| {r['fwd_bwd_us_per_token']:.2f} | {r['fwd_useful_gflops']:.1f} "
+            f"| {r['fwd_useful_gflops'] / mm:.1%} | {r['fwd_temp_bytes_per_token']:.0f} "
+            f"| {r['fwd_bwd_temp_bytes_per_token']:.0f} | {r['fresh_output_us_per_token']:.2f} |"
+        )
+    lines.append(f"\nDense float32 matmul in the same run: {mm:.1f} GFLOP/s.")
+    return "\n".join(lines)
 
 
 def main(argv):
@@ -183,13 +228,15 @@ def main(argv):
         backend=jax.default_backend(),
         device=str(jax.devices()[0].device_kind),
         cpu_count=os.cpu_count(),
-        machine=platform.processor() or platform.machine(),
+        machine=cpu_name(),
         jax=jax.__version__,
         python=sys.version.split()[0],
         date=time.strftime("%Y-%m-%d"),
         command="python " + " ".join(sys.argv),
     )
     print("\n".join(report(result, seqs)))
+    if FLAGS.markdown:
+        print(markdown(result))
     if FLAGS.out:
         os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
         with open(FLAGS.out, "w") as f:

@@ -11,19 +11,45 @@ from lightning_jax._checks import check_inputs, compute_dtype
 from lightning_jax.xla import lightning_attention_xla
 
 
-def _xla(q, k, v, slopes, initial_state, block_size):
+def _xla(q, k, v, slopes, initial_state, block_size, interpret):
+    del interpret  # plain XLA: runs on every backend
     return lightning_attention_xla(q, k, v, slopes, initial_state, block_size=block_size)
 
 
-def _reference(q, k, v, slopes, initial_state, block_size):
-    del block_size  # the reference has no tiling
+def _reference(q, k, v, slopes, initial_state, block_size, interpret):
+    del block_size, interpret  # the reference has no tiling
     return reference.naive_attention(
         q, k, v, slopes, initial_state=initial_state, return_final_state=True
     )
 
 
-# name -> fn(q, k, v, slopes [H] f32, initial_state [B, H, d, e], block_size) -> (o, state)
-_IMPLS: dict[str, Callable] = {"xla": _xla, "reference": _reference}
+def _triton(q, k, v, slopes, initial_state, block_size, interpret):
+    from pallas_kernels.triton import lightning_attention_triton
+
+    return lightning_attention_triton(
+        q, k, v, slopes, initial_state, block_size=block_size, interpret=interpret
+    )
+
+
+def _mosaic_tpu(q, k, v, slopes, initial_state, block_size, interpret):
+    from pallas_kernels.mosaic_tpu import lightning_attention_mosaic_tpu
+
+    return lightning_attention_mosaic_tpu(
+        q, k, v, slopes, initial_state, block_size=block_size, interpret=interpret
+    )
+
+
+# name -> fn(q, k, v, slopes [H] f32, initial_state [B, H, d, e], block_size, interpret)
+#         -> (o, final_state)
+_IMPLS: dict[str, Callable] = {
+    "xla": _xla,
+    "reference": _reference,
+    "triton": _triton,
+    "mosaic_tpu": _mosaic_tpu,
+}
+_PALLAS_IMPLS = ("triton", "mosaic_tpu")
+# The best implementation per backend; anything else (CPU) takes the XLA path.
+_AUTO = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "mosaic_tpu"}
 
 
 def available_impls() -> tuple[str, ...]:
@@ -33,7 +59,7 @@ def available_impls() -> tuple[str, ...]:
 
 def _resolve_impl(impl: str) -> str:
     if impl == "auto":
-        return "xla"
+        return _AUTO.get(jax.default_backend(), "xla")
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {available_impls()}, got {impl!r}")
     return impl
@@ -49,6 +75,7 @@ def lightning_attention(
     return_final_state: bool = False,
     impl: str = "auto",
     block_size: int | None = None,
+    interpret: bool | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Causal linear attention with a per-head exponential decay (Lightning Attention-2).
 
@@ -71,11 +98,17 @@ def lightning_attention(
       initial_state: optional `[B, H, D, E]` state kv_0 (zeros if None).
         Differentiable.
       return_final_state: also return the state after the last token.
-      impl: "auto" (the best implementation for the default backend: "xla" on
-        CPU), "xla" (chunked pure-jnp with the paper's backward) or
-        "reference" (the O(T^2) masked formula; for checks only).
+      impl: "auto" (the best implementation for the default backend: "triton"
+        on GPU, "mosaic_tpu" on TPU, "xla" elsewhere), "xla" (chunked pure-jnp
+        with the paper's backward), "triton" (Pallas, Triton lowering),
+        "mosaic_tpu" (Pallas, Mosaic TPU) or "reference" (the O(T^2) masked
+        formula; for checks only).
       block_size: rows per block of the tiling (None: the implementation's
         tuned default). Affects speed, not results (beyond rounding).
+      interpret: for the Pallas implementations, run the kernel in the Pallas
+        interpreter. None: exactly when the default backend is CPU, so every
+        kernel runs anywhere; False forces the real kernel (what lowering for
+        another platform needs). Ignored by "xla" and "reference".
 
     Returns:
       o `[B, H, T, E]` in q's dtype (accumulated in float32); with
@@ -85,7 +118,7 @@ def lightning_attention(
     Raises:
       ValueError: a wrong rank or shape (naming the argument and shapes), an
         unknown `impl`, a non-positive `block_size`, negative slopes.
-      TypeError: a non-floating dtype.
+      TypeError: a non-floating dtype, or float64 inputs to a Pallas kernel.
     """
     slopes = check_inputs(q, k, v, slopes, initial_state)
     if not isinstance(return_final_state, bool):
@@ -94,7 +127,19 @@ def lightning_attention(
         isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
     ):
         raise ValueError(f"block_size must be None or a positive int, got {block_size!r}")
-    fn = _IMPLS[_resolve_impl(impl)]
+    if interpret is not None and not isinstance(interpret, bool):
+        raise TypeError(f"interpret must be None or a bool, got {interpret!r}")
+    name = _resolve_impl(impl)
+    if name in _PALLAS_IMPLS:
+        for arg_name, x in (("q", q), ("k", k), ("v", v)):
+            if x.dtype == jax.numpy.float64:
+                raise TypeError(
+                    f"{arg_name} is float64; the Pallas kernels take float32, bfloat16 or "
+                    'float16 (use impl="xla" for float64)'
+                )
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    fn = _IMPLS[name]
 
     dtype = compute_dtype(q, k, v)
     batch, heads, _, d = q.shape
@@ -103,6 +148,6 @@ def lightning_attention(
         s0 = jax.numpy.zeros((batch, heads, d, e), dtype)
     else:
         s0 = initial_state.astype(dtype)
-    o, state = fn(q, k, v, slopes, s0, block_size)
+    o, state = fn(q, k, v, slopes, s0, block_size, interpret)
     state = state.astype(jax.numpy.float32)
     return (o, state) if return_final_state else o

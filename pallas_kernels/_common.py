@@ -1,0 +1,56 @@
+"""Shape plumbing shared by the kernels: flatten (batch, head), pad, slice back.
+
+Zero-padding d and e is exact. Zero-padding seq at the end is exact for the
+output; the kernels take the final state at the true last row by decaying the
+last block by its true length (DESIGN.md section 4).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+def round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def next_power_of_2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+class Padded(NamedTuple):
+    """Flattened, padded operands: q, k [G, N, Dp], v [G, N, Ep], state [G, Dp, Ep]."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    slopes: jax.Array  # [G] float32
+    state: jax.Array  # float32
+
+
+def flatten_and_pad(q, k, v, slopes, initial_state, seq_to: int, d_to: int, e_to: int) -> Padded:
+    """[B, H, n, *] -> [B*H, seq_to, *_to] with zeros; slopes [H] -> [B*H]."""
+    batch, heads = q.shape[:2]
+    groups = batch * heads
+
+    def pad(x, rows, cols):
+        x = x.reshape(groups, x.shape[2], x.shape[3])
+        return jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, cols - x.shape[2])))
+
+    return Padded(
+        q=pad(q, seq_to, d_to),
+        k=pad(k, seq_to, d_to),
+        v=pad(v, seq_to, e_to),
+        slopes=jnp.tile(slopes.astype(jnp.float32), batch),
+        state=pad(initial_state.astype(jnp.float32), d_to, e_to),
+    )
+
+
+def unpad(o, state, batch: int, heads: int, n: int, d: int, e: int):
+    """[G, N, Ep], [G, Dp, Ep] -> [B, H, n, e], [B, H, d, e]."""
+    o = o[:, :n, :e].reshape(batch, heads, n, e)
+    state = state[:, :d, :e].reshape(batch, heads, d, e)
+    return o, state

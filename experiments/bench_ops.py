@@ -1,16 +1,22 @@
 r"""Operator benchmark: time and memory per token of every implementation vs. seq.
 
-Forward and forward+backward time per token, useful GFLOP/s (counted as
-2*n*(2*64*d + 2*d*e) per head: the work of Lightning Attention-2 at block 64),
-the same run's dense-matmul GFLOP/s, and the compiled temp memory per token
-(XLA memory analysis). Timings are medians over interleaved repetitions, so
-every seq and the matmul see the same machine load.
+For each implementation and seq: forward and forward+backward time per token,
+achieved FLOP/s (Lightning Attention counted as 2*n*(2*64*d + 2*d*e) per head,
+the work at block 64; forward+backward as 3x that; softmax attention as its
+causal half, 2*n^2*d per head forward), bytes moved (inputs read and outputs
+written once), the fraction of the roofline (the larger of FLOPs/peak and
+bytes/bandwidth, divided by the measured time), and the compiled temp memory
+per token (XLA memory analysis). The same run measures the device's dense
+matmul rate. Timings are medians over interleaved repetitions, so every row
+sees the same machine load.
 
-  python experiments/bench_ops.py                      # CPU default: b1 h8 d=e=64 f32, 1K..64K
+  python experiments/bench_ops.py                      # CPU: b1 h8 d=e=64 f32, 1K..64K
   python experiments/bench_ops.py --max_seq=262144     # longer sequences
-  python experiments/bench_ops.py --impls=xla --reps=9 --out=results/bench_ops.json
+  # GPU, the paper's configuration, with cuDNN flash attention as the softmax anchor:
+  python experiments/bench_ops.py --batch=4 --heads=32 --dim=128 --dtype=bfloat16 \
+      --impls=triton,xla,cudnn --matmul_size=8192
 
-Prints a table and the targets of the core issue, and writes JSON.
+Prints a table and the targets of the issues, and writes JSON.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from absl import app, flags
 import lightning_jax as lj
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("impls", ["xla", "reference"], "Implementations to time.")
+flags.DEFINE_list("impls", None, "Implementations to time (default: by backend).")
 flags.DEFINE_integer("batch", 1, "Batch size.")
 flags.DEFINE_integer("heads", 8, "Heads.")
 flags.DEFINE_integer("dim", 64, "d = e (head dim of q/k and of v).")
@@ -38,9 +44,19 @@ flags.DEFINE_integer("min_seq", 1024, "Smallest seq (powers of two up to max_seq
 flags.DEFINE_integer("max_seq", 65536, "Largest seq.")
 flags.DEFINE_integer("reference_max_seq", 4096, "The O(n^2) reference only up to this seq.")
 flags.DEFINE_integer("reps", 7, "Interleaved repetitions (median reported).")
-flags.DEFINE_integer("matmul_size", 2048, "Square f32 matmul size for the machine's GFLOP/s.")
+flags.DEFINE_integer("matmul_size", 2048, "Square matmul size for the device's FLOP/s.")
+flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s for the roofline (default: table/measured).")
+flags.DEFINE_float("peak_gbps", None, "Peak memory GB/s for the roofline (default: table).")
 flags.DEFINE_string("out", "results/bench_ops.json", "JSON output path ('' to skip).")
 flags.DEFINE_bool("markdown", False, "Also print the table as markdown.")
+
+DEFAULT_IMPLS = {
+    "cpu": ["xla", "reference"],
+    "gpu": ["triton", "xla", "cudnn"],
+    "tpu": ["mosaic_tpu", "xla"],
+}
+# Dense bf16 TFLOP/s and HBM GB/s of the accelerators this project targets (vendor figures).
+DEVICE_PEAKS = {"H100": (989.0, 3350.0), "H200": (989.0, 4800.0)}
 
 
 def cpu_name() -> str:
@@ -60,6 +76,17 @@ def useful_flops(n: int, batch: int, heads: int, d: int, e: int) -> float:
     return 2.0 * n * (2 * 64 * d + 2 * d * e) * batch * heads
 
 
+def softmax_flops(n: int, batch: int, heads: int, d: int) -> float:
+    """Forward FLOPs of causal softmax attention (half of 4*n^2*d per head)."""
+    return 2.0 * n * n * d * batch * heads
+
+
+def moved_bytes(n: int, batch: int, heads: int, d: int, itemsize: int, kind: str) -> float:
+    """Inputs read and outputs written once: fwd q,k,v,o; fwd+bwd adds do, dq, dk, dv."""
+    arrays = 4 if kind == "fwd" else 8
+    return float(arrays * n * batch * heads * d * itemsize)
+
+
 def _time_once(fn, args) -> float:
     start = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -73,10 +100,16 @@ def _temp_bytes(fn, args) -> int:
 
 
 def _make_fns(impl: str, slopes):
-    """Forward (q, k, v) -> o, and forward+backward (q, k, v, do) -> (dq, dk, dv)."""
+    """Forward (q, k, v) -> o and forward+backward (q, k, v, do) -> (dq, dk, dv)."""
+    if impl == "cudnn":  # softmax anchor: [batch, seq, heads, d] layout, causal
 
-    def fwd(q, k, v):
-        return lj.lightning_attention(q, k, v, slopes, impl=impl)
+        def fwd(q, k, v):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+    else:
+
+        def fwd(q, k, v):
+            return lj.lightning_attention(q, k, v, slopes, impl=impl)
 
     def fwd_bwd(q, k, v, do):
         return jax.vjp(fwd, q, k, v)[1](do)
@@ -85,9 +118,10 @@ def _make_fns(impl: str, slopes):
 
 
 def run(impls, batch, heads, dim, dtype, seqs, reference_max_seq, reps, matmul_size) -> dict:
-    """Measures every (impl, seq); returns a dict with rows and the matmul rate."""
+    """Measures every (impl, seq); returns the rows and the matmul rate."""
     slopes = lj.alibi_slopes(heads)
-    a = jnp.ones((matmul_size, matmul_size), jnp.float32)
+    matmul_dtype = jnp.float32 if jax.default_backend() == "cpu" else dtype
+    a = jnp.ones((matmul_size, matmul_size), matmul_dtype)
     matmul = jax.jit(lambda x: x @ x)
     jobs = []  # (impl, seq, kind, fn, args)
     rows = {}
@@ -103,10 +137,10 @@ def run(impls, batch, heads, dim, dtype, seqs, reference_max_seq, reps, matmul_s
         for n in seqs:
             if impl == "reference" and n > reference_max_seq:
                 continue
-            key = jax.random.PRNGKey(n)
+            shape = (batch, n, heads, dim) if impl == "cudnn" else (batch, heads, n, dim)
             q, k, v, do = (
-                jax.random.normal(kk, (batch, heads, n, dim), jnp.float32).astype(dtype)
-                for kk in jax.random.split(key, 4)
+                jax.random.normal(kk, shape, jnp.float32).astype(dtype)
+                for kk in jax.random.split(jax.random.PRNGKey(n), 4)
             )
             row = dict(impl=impl, seq=n)
             for kind, fn, args in (("fwd", fwd, (q, k, v)), ("fwd_bwd", fwd_bwd, (q, k, v, do))):
@@ -137,48 +171,98 @@ def run(impls, batch, heads, dim, dtype, seqs, reference_max_seq, reps, matmul_s
         row[f"{kind}_s"] = t
         row[f"{kind}_us_per_token"] = t / n * 1e6
         row[f"{kind}_temp_bytes_per_token"] = row[f"{kind}_temp_bytes"] / n
+    itemsize = jnp.dtype(dtype).itemsize
     for row in rows.values():
-        row["fresh_output_us_per_token"] = alloc[row["seq"]] / row["seq"] * 1e6
-        row["fwd_useful_gflops"] = (
-            useful_flops(row["seq"], batch, heads, dim, dim) / row["fwd_s"] / 1e9
-        )
+        n = row["seq"]
+        row["fresh_output_us_per_token"] = alloc[n] / n * 1e6
+        if row["impl"] == "cudnn":
+            flops = softmax_flops(n, batch, heads, dim)
+        else:
+            flops = useful_flops(n, batch, heads, dim, dim)
+        row["fwd_flops"], row["fwd_bwd_flops"] = flops, 3 * flops
+        for kind in ("fwd", "fwd_bwd"):
+            row[f"{kind}_bytes"] = moved_bytes(n, batch, heads, dim, itemsize, kind)
+            row[f"{kind}_gflops"] = row[f"{kind}_flops"] / row[f"{kind}_s"] / 1e9
+            row[f"{kind}_gbps"] = row[f"{kind}_bytes"] / row[f"{kind}_s"] / 1e9
+        row["fwd_useful_gflops"] = row["fwd_gflops"]
     return dict(matmul_gflops=statistics.median(matmul_rates), rows=list(rows.values()))
 
 
-def report(result: dict, seqs) -> list[str]:
-    """Table lines, then the core issue's targets for each impl."""
+def add_roofline(result: dict, peak_tflops: float | None, peak_gbps: float | None) -> None:
+    """Fraction of the roofline per row: max(FLOPs/peak, bytes/bandwidth) / time."""
+    result["peak_tflops"], result["peak_gbps"] = peak_tflops, peak_gbps
+    for row in result["rows"]:
+        for kind in ("fwd", "fwd_bwd"):
+            bounds = []
+            if peak_tflops:
+                bounds.append(row[f"{kind}_flops"] / (peak_tflops * 1e12))
+            if peak_gbps:
+                bounds.append(row[f"{kind}_bytes"] / (peak_gbps * 1e9))
+            row[f"{kind}_roofline"] = max(bounds) / row[f"{kind}_s"] if bounds else None
+
+
+def _by_impl(result: dict) -> dict:
+    out = {}
+    for r in result["rows"]:
+        out.setdefault(r["impl"], {})[r["seq"]] = r
+    return out
+
+
+def report(result: dict) -> list[str]:
+    """Table lines, then each issue's targets."""
     mm = result["matmul_gflops"]
     lines = [
-        f"dense f32 matmul: {mm:.1f} GFLOP/s (median)",
+        f"dense matmul: {mm:.1f} GFLOP/s (median); roofline peaks: "
+        f"{result['peak_tflops']} TFLOP/s, {result['peak_gbps']} GB/s",
         "alloc us/tok: time to create one fresh zero array of the output's size (not in the op)",
         f"{'impl':>10} {'seq':>7} {'fwd us/tok':>11} {'f+b us/tok':>11} {'fwd GF/s':>9} "
-        f"{'of matmul':>9} {'fwd tmp B/tok':>13} {'f+b tmp B/tok':>13} {'alloc us/tok':>12}",
+        f"{'of matmul':>9} {'fwd roof':>8} {'f+b roof':>8} {'fwd tmp B/tok':>13} "
+        f"{'f+b tmp B/tok':>13} {'alloc us/tok':>12}",
     ]
+
+    def pct(x):
+        return "-" if x is None else f"{x:.1%}"
+
     for r in result["rows"]:
         lines.append(
             f"{r['impl']:>10} {r['seq']:>7} {r['fwd_us_per_token']:>11.3f} "
-            f"{r['fwd_bwd_us_per_token']:>11.3f} {r['fwd_useful_gflops']:>9.1f} "
-            f"{r['fwd_useful_gflops'] / mm:>9.1%} {r['fwd_temp_bytes_per_token']:>13.0f} "
+            f"{r['fwd_bwd_us_per_token']:>11.3f} {r['fwd_gflops']:>9.1f} "
+            f"{r['fwd_gflops'] / mm:>9.1%} {pct(r['fwd_roofline']):>8} "
+            f"{pct(r['fwd_bwd_roofline']):>8} {r['fwd_temp_bytes_per_token']:>13.0f} "
             f"{r['fwd_bwd_temp_bytes_per_token']:>13.0f} {r['fresh_output_us_per_token']:>12.3f}"
         )
-    for impl in dict.fromkeys(r["impl"] for r in result["rows"]):
-        by_seq = {r["seq"]: r for r in result["rows"] if r["impl"] == impl}
-        lo, hi = min(by_seq), max(by_seq)
-        if lo == hi:
+    by_impl = _by_impl(result)
+    for impl, by_seq in by_impl.items():
+        if impl in ("reference", "cudnn") or len(by_seq) < 2:
             continue
+        lo, hi = min(by_seq), max(by_seq)
         first, last = by_seq[lo], by_seq[hi]
-        fwd_ratio = last["fwd_us_per_token"] / first["fwd_us_per_token"]
-        fb_ratio = last["fwd_bwd_us_per_token"] / first["fwd_bwd_us_per_token"]
-        frac = last["fwd_useful_gflops"] / mm
         mem = [by_seq[n]["fwd_bwd_temp_bytes_per_token"] for n in sorted(by_seq)]
         lines += [
-            f"[{impl}] time/token {hi} vs {lo}: fwd x{fwd_ratio:.3f}, fwd+bwd x{fb_ratio:.3f} "
-            f"(target <= 1.15)",
-            f"[{impl}] fwd at {hi}: {frac:.1%} of matmul GFLOP/s (target >= 40%)",
+            f"[{impl}] time/token {hi} vs {lo}: "
+            f"fwd x{last['fwd_us_per_token'] / first['fwd_us_per_token']:.3f}, "
+            f"fwd+bwd x{last['fwd_bwd_us_per_token'] / first['fwd_bwd_us_per_token']:.3f} "
+            "(targets: CPU <= 1.15 from 1K; GPU <= 1.10 from 2K)",
+            f"[{impl}] fwd at {hi}: {last['fwd_gflops'] / mm:.1%} of the matmul rate "
+            "(CPU target >= 40%)",
             f"[{impl}] fwd+bwd temp bytes/token over seq: "
             + ", ".join(f"{m:.0f}" for m in mem)
             + " (target: flat, not growing)",
         ]
+        if "cudnn" in by_impl:
+            wins = [
+                n
+                for n in sorted(by_seq)
+                if n in by_impl["cudnn"]
+                and by_seq[n]["fwd_bwd_s"] < by_impl["cudnn"][n]["fwd_bwd_s"]
+            ]
+            lines.append(f"[{impl}] fwd+bwd faster than cuDNN at seq {wins} (target: from 2K up)")
+        big = [r["fwd_bwd_roofline"] for n, r in by_seq.items() if n >= 8192]
+        if big and big[0] is not None:
+            lines.append(
+                f"[{impl}] fwd+bwd roofline fraction at seq >= 8K: min {min(big):.1%} "
+                "(GPU target >= 50%)"
+            )
     return lines
 
 
@@ -193,12 +277,22 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         lines.append(
             f"| {r['impl']} | {r['seq']} | {r['fwd_us_per_token']:.2f} "
-            f"| {r['fwd_bwd_us_per_token']:.2f} | {r['fwd_useful_gflops']:.1f} "
-            f"| {r['fwd_useful_gflops'] / mm:.1%} | {r['fwd_temp_bytes_per_token']:.0f} "
+            f"| {r['fwd_bwd_us_per_token']:.2f} | {r['fwd_gflops']:.1f} "
+            f"| {r['fwd_gflops'] / mm:.1%} | {r['fwd_temp_bytes_per_token']:.0f} "
             f"| {r['fwd_bwd_temp_bytes_per_token']:.0f} | {r['fresh_output_us_per_token']:.2f} |"
         )
-    lines.append(f"\nDense float32 matmul in the same run: {mm:.1f} GFLOP/s.")
+    lines.append(f"\nDense matmul in the same run: {mm:.1f} GFLOP/s.")
     return "\n".join(lines)
+
+
+def _peaks(matmul_gflops: float) -> tuple[float | None, float | None]:
+    if FLAGS.peak_tflops or FLAGS.peak_gbps:
+        return FLAGS.peak_tflops, FLAGS.peak_gbps
+    kind = str(jax.devices()[0].device_kind)
+    for name, peaks in DEVICE_PEAKS.items():
+        if name in kind:
+            return peaks
+    return matmul_gflops / 1e3, None  # CPU: the measured matmul rate, no bandwidth figure
 
 
 def main(argv):
@@ -208,8 +302,10 @@ def main(argv):
     while n <= FLAGS.max_seq:
         seqs.append(n)
         n *= 2
+    backend = jax.default_backend()
+    impls = FLAGS.impls or DEFAULT_IMPLS.get(backend, ["xla"])
     result = run(
-        FLAGS.impls,
+        impls,
         FLAGS.batch,
         FLAGS.heads,
         FLAGS.dim,
@@ -219,13 +315,14 @@ def main(argv):
         FLAGS.reps,
         FLAGS.matmul_size,
     )
+    add_roofline(result, *_peaks(result["matmul_gflops"]))
     result["config"] = dict(
         batch=FLAGS.batch,
         heads=FLAGS.heads,
         dim=FLAGS.dim,
         dtype=FLAGS.dtype,
         reps=FLAGS.reps,
-        backend=jax.default_backend(),
+        backend=backend,
         device=str(jax.devices()[0].device_kind),
         cpu_count=os.cpu_count(),
         machine=cpu_name(),
@@ -234,7 +331,7 @@ def main(argv):
         date=time.strftime("%Y-%m-%d"),
         command="python " + " ".join(sys.argv),
     )
-    print("\n".join(report(result, seqs)))
+    print("\n".join(report(result)))
     if FLAGS.markdown:
         print(markdown(result))
     if FLAGS.out:

@@ -237,8 +237,8 @@ _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 
 
 def _padded_dim(x: int) -> int:
-    """Power of two >= 16 below the tile, else a multiple of the tile."""
-    return max(MIN_DIM, next_power_of_2(x)) if x <= TILE else round_up(x, TILE)
+    """A power of two >= 16: Triton tensors have power-of-two shapes (zero padding is exact)."""
+    return max(MIN_DIM, next_power_of_2(x))
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "interpret"))

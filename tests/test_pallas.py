@@ -13,9 +13,9 @@ import re
 import jax
 import jax.numpy as jnp
 import pytest
-from op_test_base import LightningOpTestBase
 
 import lightning_jax as lj
+from op_test_base import LightningOpTestBase
 
 
 class TestTritonInterpret(LightningOpTestBase):
@@ -94,6 +94,26 @@ def test_lowers_to_the_kernels(impl):
         assert calls.count(target) == kernels, calls
         # No XLA fallback: the sweep over the sequence is inside the kernels.
         assert "stablehlo.while" not in text
+
+
+@pytest.mark.parametrize("impl", sorted(LOWERING))
+@pytest.mark.parametrize("d, e", [(192, 100), (60, 256), (16, 16)])
+def test_awkward_dims_lower(impl, d, e):
+    """Head dims that are not tile-sized lower too (the wrapper pads them)."""
+    platform, target = LOWERING[impl]
+    q = jax.ShapeDtypeStruct((1, 3, 1000, d), jnp.bfloat16)
+    v = jax.ShapeDtypeStruct((1, 3, 1000, e), jnp.bfloat16)
+    slopes = lj.alibi_slopes(3)
+
+    def fwd_bwd(q, k, v):
+        def loss(q, k, v):
+            o = lj.lightning_attention(q, k, v, slopes, impl=impl, interpret=False)
+            return jnp.sum(o.astype(jnp.float32))
+
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    text = jax.jit(fwd_bwd).trace(q, q, v).lower(lowering_platforms=(platform,)).as_text()
+    assert _custom_calls(text).count(target) == 3
 
 
 def test_auto_picks_the_backend_kernel(monkeypatch):

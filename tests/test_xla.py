@@ -7,6 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import test_util
+
+from lightning_jax import reference
+from lightning_jax.xla import lightning_attention_xla
 from op_test_base import (
     F32_TOL,
     LightningOpTestBase,
@@ -15,9 +18,6 @@ from op_test_base import (
     make_inputs,
     make_slopes,
 )
-
-from lightning_jax import reference
-from lightning_jax.xla import lightning_attention_xla
 
 
 class TestXla(LightningOpTestBase):

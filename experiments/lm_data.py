@@ -1,0 +1,158 @@
+"""Byte-level text corpora for the language-model experiments, with no download.
+
+The default corpus is the Python standard library's own source files (found
+through `sysconfig`), which every machine with Python has. Any text file or
+folder can be used instead. Files are split deterministically into train and
+held-out parts by a hash of their relative path, so the split does not depend
+on the order files are listed in or on which other files exist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+VOCAB_SIZE = 256  # bytes
+DEFAULT_SUFFIXES = (".py",)
+
+
+class Corpus(NamedTuple):
+    """uint8 byte streams of the train and held-out files, and where they came from."""
+
+    train: np.ndarray
+    held_out: np.ndarray
+    source: str
+    num_files: int
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _list_files(root: Path, suffixes: tuple[str, ...] | None) -> list[Path]:
+    if root.is_file():
+        return [root]
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("__pycache__", "site-packages"))
+        for name in sorted(filenames):
+            if suffixes is None or name.endswith(suffixes):
+                files.append(Path(dirpath) / name)
+    return files
+
+
+def _held_out(rel_path: str, fraction: float) -> bool:
+    digest = hashlib.sha256(rel_path.encode()).digest()
+    return int.from_bytes(digest[:4], "little") / 2**32 < fraction
+
+
+def load_corpus(
+    path: str | os.PathLike | None = None,
+    *,
+    held_out_fraction: float = 0.05,
+    max_bytes: int | None = None,
+) -> Corpus:
+    """Loads a byte-level corpus and splits it into train and held-out streams.
+
+    Args:
+      path: a text file or a folder (every file below it, recursively); None:
+        the `.py` files of the Python standard library.
+      held_out_fraction: share of files that go to the held-out part (by a hash
+        of each file's path relative to the root, so the split is stable).
+      max_bytes: stop reading once this many bytes are loaded (files in sorted
+        order), for quick runs.
+
+    Returns:
+      A `Corpus` with uint8 arrays `train` and `held_out`.
+
+    Raises:
+      ValueError: the path does not exist, holds no readable file, or gives an
+        empty train or held-out part.
+    """
+    if not 0.0 < held_out_fraction < 1.0:
+        raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
+    if path is None:
+        root, suffixes = stdlib_dir(), DEFAULT_SUFFIXES
+    else:
+        root, suffixes = Path(path), None
+    if not root.exists():
+        raise ValueError(f"corpus path {str(root)!r} does not exist")
+    files = _list_files(root, suffixes)
+    if len(files) == 1:  # one file: hold out its tail instead
+        return _split_single_file(files[0], held_out_fraction, max_bytes)
+    train, held, total, read = [], [], 0, 0
+    for file in files:
+        try:
+            data = file.read_bytes()
+        except OSError:
+            continue
+        if not data:
+            continue
+        read += 1
+        rel = file.relative_to(root).as_posix()
+        (held if _held_out(rel, held_out_fraction) else train).append(data)
+        total += len(data)
+        if max_bytes is not None and total >= max_bytes:
+            break
+    return _make_corpus(train, held, str(root), read)
+
+
+def _split_single_file(file: Path, held_out_fraction: float, max_bytes: int | None) -> Corpus:
+    try:
+        data = file.read_bytes()
+    except OSError as err:
+        raise ValueError(f"corpus file {str(file)!r} is not readable: {err}") from err
+    if max_bytes is not None:
+        data = data[:max_bytes]
+    cut = int(len(data) * (1.0 - held_out_fraction))
+    return _make_corpus([data[:cut]], [data[cut:]], str(file), 1)
+
+
+def _make_corpus(train: list[bytes], held: list[bytes], source: str, num_files: int) -> Corpus:
+    if num_files == 0:
+        raise ValueError(f"corpus {source!r} holds no readable, non-empty file")
+    train_arr = np.frombuffer(b"\n".join(train), np.uint8)
+    held_arr = np.frombuffer(b"\n".join(held), np.uint8)
+    if train_arr.size < 2 or held_arr.size < 2:
+        raise ValueError(
+            f"corpus {source!r} is too small to split: {train_arr.size} train and "
+            f"{held_arr.size} held-out bytes"
+        )
+    return Corpus(train_arr, held_arr, source, num_files)
+
+
+def sample_batch(data: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int):
+    """Random windows of seq_len + 1 bytes; a pure function of (seed, step).
+
+    Returns int32 (inputs, targets), each [batch_size, seq_len]; targets are the
+    inputs shifted by one byte. Being a function of the step alone, a resumed
+    run sees exactly the batches an uninterrupted one would.
+    """
+    if data.size < seq_len + 1:
+        raise ValueError(
+            f"the data ({data.size} bytes) is shorter than seq_len + 1 = {seq_len + 1}"
+        )
+    rng = np.random.default_rng([seed, step])
+    starts = rng.integers(0, data.size - seq_len, size=batch_size)
+    windows = np.stack([data[s : s + seq_len + 1] for s in starts]).astype(np.int32)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def eval_batches(data: np.ndarray, batch_size: int, seq_len: int, max_batches: int):
+    """Consecutive non-overlapping windows from the start of the held-out data."""
+    per_batch = batch_size * (seq_len + 1)
+    count = min(max_batches, data.size // per_batch)
+    if count == 0:
+        raise ValueError(
+            f"held-out data ({data.size} bytes) is shorter than one eval batch "
+            f"({batch_size} x {seq_len + 1})"
+        )
+    for b in range(count):
+        chunk = data[b * per_batch : (b + 1) * per_batch].astype(np.int32)
+        windows = chunk.reshape(batch_size, seq_len + 1)
+        yield windows[:, :-1], windows[:, 1:]

@@ -63,7 +63,16 @@ class TrainConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Runs on 2 CPU cores in a few minutes: the README's main command.
-    "demo": dict(num_layers=2, embed_dim=128, num_heads=4, seq_len=256, batch_size=8, steps=300),
+    "demo": dict(
+        num_layers=2,
+        embed_dim=128,
+        num_heads=4,
+        seq_len=256,
+        batch_size=16,
+        steps=500,
+        eval_every=100,
+        checkpoint_every=250,
+    ),
     "small": dict(
         num_layers=6,
         embed_dim=384,
@@ -141,9 +150,13 @@ class Trainer:
         self.graphdef, params, self.constants = nnx.split(model, nnx.Param, ...)
         self.optimizer = make_optimizer(cfg)
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
-        params = jax.device_put(params, NamedSharding(self.mesh, PartitionSpec()))
-        self.state = dict(params=params, opt_state=jax.jit(self.optimizer.init)(params))
-        self.train_step = jax.jit(self._train_step, donate_argnums=0)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        state = dict(params=params, opt_state=self.optimizer.init(params))
+        # One sharding for the state in and out, so the second step reuses the first's compile.
+        self.state = jax.device_put(state, replicated)
+        self.train_step = jax.jit(
+            self._train_step, donate_argnums=0, out_shardings=(replicated, replicated)
+        )
         self.eval_step = jax.jit(self._loss)
 
     def _loss(self, params, inputs, targets):
@@ -227,7 +240,6 @@ def train(cfg: TrainConfig, corpus: lm_data.Corpus | None = None, verbose: bool 
     with open(Path(cfg.workdir) / "config.json", "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    records = []
     window_start, window_steps = time.perf_counter(), 0
     if verbose:
         print(
@@ -237,13 +249,17 @@ def train(cfg: TrainConfig, corpus: lm_data.Corpus | None = None, verbose: bool 
         )
     for step in range(start, cfg.steps):
         loss = trainer.step(corpus.train, step)
-        window_steps += 1
         done = step + 1
+        if step == start:  # the first step compiles: keep it out of tokens/s
+            jax.block_until_ready(loss)
+            window_start = time.perf_counter()
+        else:
+            window_steps += 1
         record = None
         if done % cfg.log_every == 0 or done == cfg.steps:
             loss = float(loss)  # waits for the step
             elapsed = time.perf_counter() - window_start
-            tps = window_steps * tokens_per_step / elapsed
+            tps = window_steps * tokens_per_step / elapsed if window_steps else None
             record = dict(step=done, train_loss=loss, tokens_per_sec=tps)
             window_start, window_steps = time.perf_counter(), 0
         if done % cfg.eval_every == 0 or done == cfg.steps:
@@ -252,26 +268,10 @@ def train(cfg: TrainConfig, corpus: lm_data.Corpus | None = None, verbose: bool 
             record.update(eval_loss=eval_loss, eval_bpb=eval_loss / math.log(2))
             window_start = time.perf_counter()  # evaluation is not training time
         if record is not None:
-            records.append(record)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if verbose:
-                eta = (
-                    (cfg.steps - done) * tokens_per_step / record["tokens_per_sec"]
-                    if record["tokens_per_sec"]
-                    else float("nan")
-                )
-                extra = (
-                    f" | eval loss {record['eval_loss']:.4f}, {record['eval_bpb']:.3f} bpb"
-                    if "eval_loss" in record
-                    else ""
-                )
-                tps = record["tokens_per_sec"] or float("nan")
-                print(
-                    f"[{cfg.mixer}] step {done:>6}/{cfg.steps} loss {record['train_loss']:.4f} "
-                    f"{tps:,.0f} tok/s ETA {eta:,.0f}s{extra}",
-                    flush=True,
-                )
+                print(_progress_line(cfg, record, done, tokens_per_step), flush=True)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _save(manager, done, trainer.state)
     manager.close()
@@ -279,6 +279,21 @@ def train(cfg: TrainConfig, corpus: lm_data.Corpus | None = None, verbose: bool 
     if cfg.plot and all_records:
         plot_losses({cfg.mixer: all_records}, Path(cfg.workdir) / "loss.png")
     return dict(config=dataclasses.asdict(cfg), records=all_records, state=trainer.state)
+
+
+def _progress_line(cfg: TrainConfig, record: dict, done: int, tokens_per_step: int) -> str:
+    tps = record["tokens_per_sec"]
+    speed = (
+        f"{tps:,.0f} tok/s ETA {(cfg.steps - done) * tokens_per_step / tps:,.0f}s" if tps else ""
+    )
+    extra = (
+        f" | eval loss {record['eval_loss']:.4f}, {record['eval_bpb']:.3f} bpb"
+        if "eval_loss" in record
+        else ""
+    )
+    return (
+        f"[{cfg.mixer}] step {done:>6}/{cfg.steps} loss {record['train_loss']:.4f} {speed}{extra}"
+    )
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

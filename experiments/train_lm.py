@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,6 +58,7 @@ _OVERRIDES = (
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     overrides = {name: getattr(FLAGS, name) for name in _OVERRIDES}
     overrides["resume"] = FLAGS.resume
     if overrides["workdir"] is None:

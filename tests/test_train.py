@@ -1,0 +1,108 @@
+"""The training pieces of experiments/: steps, resume, data parallelism, the TGS bench."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import bench_tgs
+import lm_data
+import lm_train
+
+TINY = dict(
+    num_layers=1,
+    embed_dim=32,
+    num_heads=2,
+    seq_len=32,
+    batch_size=8,  # the default mesh spans every device: tests/conftest.py forces 8
+    learning_rate=1e-2,
+    warmup_steps=2,
+    log_every=2,
+    eval_every=4,
+    eval_batches=2,
+    checkpoint_every=3,
+    plot=False,
+)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 400)
+    return lm_data.load_corpus(path, held_out_fraction=0.1)
+
+
+def _params(state):
+    return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
+
+
+@pytest.mark.parametrize("mixer", ["lightning", "softmax"])
+def test_training_reduces_the_loss(tmp_path, corpus, mixer):
+    cfg = lm_train.TrainConfig(**TINY, mixer=mixer, steps=12, workdir=str(tmp_path))
+    records = lm_train.train(cfg, corpus, verbose=False)["records"]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert len(evals) == 3 and evals[-1] < evals[0] - 0.5, evals
+    logged = lm_train.read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in logged] == [2, 4, 6, 8, 10, 12]
+    assert all({"step", "train_loss", "tokens_per_sec"} <= r.keys() for r in logged)
+    assert all(abs(r["eval_bpb"] - r["eval_loss"] / np.log(2)) < 1e-9 for r in logged[1::2])
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, corpus):
+    straight = lm_train.TrainConfig(**TINY, steps=6, workdir=str(tmp_path / "a"))
+    full = lm_train.train(straight, corpus, verbose=False)
+    first = dataclasses.replace(straight, steps=3, workdir=str(tmp_path / "b"))
+    lm_train.train(first, corpus, verbose=False)
+    resumed = lm_train.train(
+        dataclasses.replace(first, steps=6, resume=True), corpus, verbose=False
+    )
+    for a, b in zip(_params(full["state"]), _params(resumed["state"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The log of the resumed run continues the first part's.
+    assert [r["step"] for r in resumed["records"]] == [2, 3, 4, 6]
+
+
+def test_data_parallel_step_equals_single_device(corpus):
+    """One step on a 4-device data mesh == the same step on one device."""
+    devices = jax.devices()
+    assert len(devices) >= 4, "tests/conftest.py forces 8 host devices"
+    cfg = lm_train.TrainConfig(**TINY, steps=2)
+    single = lm_train.Trainer(cfg, Mesh(np.array(devices[:1]), ("data",)))
+    multi = lm_train.Trainer(cfg, Mesh(np.array(devices[:4]), ("data",)))
+    for step in range(2):
+        loss_1 = float(single.step(corpus.train, step))
+        loss_4 = float(multi.step(corpus.train, step))
+        assert abs(loss_1 - loss_4) < 1e-5 * abs(loss_1)
+    assert all(x.sharding.mesh.size == 4 for x in jax.tree.leaves(multi.state["params"]))
+    for a, b in zip(_params(single.state), _params(multi.state), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_batch_must_divide_by_the_data_devices():
+    cfg = lm_train.TrainConfig(**{**TINY, "batch_size": 6})
+    assert len(jax.devices()) >= 4
+    with pytest.raises(ValueError, match="batch_size 6 must divide by the 4 devices"):
+        lm_train.Trainer(cfg, Mesh(np.array(jax.devices()[:4]), ("data",)))
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="preset must be one of"):
+        lm_train.config_from_preset("huge")
+
+
+def test_tgs_bench_on_tiny_sizes(tmp_path):
+    rows = bench_tgs.measure_tgs(
+        "lightning", [32, 64], 512, num_layers=1, embed_dim=32, num_heads=2, reps=2
+    )
+    assert [r["seq"] for r in rows] == [32, 64] and [r["batch"] for r in rows] == [16, 8]
+    assert all(r["tgs"] > 0 and r["step_s"] > 0 for r in rows)
+    bench_tgs.plot_tgs(rows, str(tmp_path / "tgs.png"))
+    assert (tmp_path / "tgs.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="must be a multiple of seq"):
+        bench_tgs.measure_tgs(
+            "lightning", [48], 256, num_layers=1, embed_dim=32, num_heads=2, reps=1
+        )

@@ -1,0 +1,105 @@
+"""Flax Linen wrapper of the TransNormerLLM token mixer, for Linen codebases.
+
+`LightningAttention` here computes exactly what `lightning_jax.nn.LightningAttention`
+computes, with the same parameter tree (`{"qkvu_proj": {"kernel"}, "out_proj":
+{"kernel"}}`), so weights copy over in either direction. The slopes are
+constants computed from (num_heads, layer_idx, num_layers), not variables.
+Decoding keeps the float32 state in the "cache" collection, as Linen's
+`MultiHeadDotProductAttention` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lightning_jax.api import lightning_attention
+from lightning_jax.nn import (
+    check_features,
+    merge_heads,
+    resolve_head_dim,
+    simple_rms_norm,
+    split_qkvu,
+)
+from lightning_jax.slopes import layer_slopes
+
+
+class LightningAttention(nn.Module):
+    """TransNormerLLM token mixer (see `lightning_jax.nn.LightningAttention`), Linen form.
+
+    Attributes:
+      num_heads: number of heads H.
+      head_dim: per-head width d (None: D // H for inputs of width D).
+      layer_idx: index of this layer in the stack, for the slopes.
+      num_layers: number of layers in the stack, for the slopes.
+      impl: implementation of the op (`lightning_jax.available_impls()`).
+      block_size: block size of the op's tiling (None: its default).
+      epsilon: epsilon of the output norm.
+      dtype: compute dtype (None: inferred from inputs and params).
+      param_dtype: dtype of the kernels.
+      precision: matmul precision of the projections.
+      kernel_init: initialiser of the qkvu projection.
+      out_kernel_init: initialiser of the output projection (None: kernel_init).
+    """
+
+    num_heads: int
+    head_dim: int | None = None
+    layer_idx: int = 0
+    num_layers: int = 1
+    impl: str = "auto"
+    block_size: int | None = None
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    out_kernel_init: Callable | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, decode: bool = False) -> jax.Array:
+        """Mixes tokens causally.
+
+        Args:
+          x: `[B, T, D]` inputs.
+          decode: continue from the state in the "cache" collection and store
+            the new one (apply with `mutable=["cache"]`). The first call with
+            decode=True (normally `init`) creates a zero state and leaves it
+            unchanged, as Linen's attention does.
+
+        Returns:
+          `[B, T, D]` in the compute dtype.
+        """
+        check_features(x, None, "linen.LightningAttention")
+        in_features = x.shape[-1]
+        head_dim = resolve_head_dim(in_features, self.num_heads, self.head_dim)
+        hidden = self.num_heads * head_dim
+        dense = dict(
+            use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype, precision=self.precision
+        )
+        qkvu = nn.Dense(4 * hidden, kernel_init=self.kernel_init, name="qkvu_proj", **dense)(x)
+        q, k, v, u = split_qkvu(qkvu, self.num_heads, head_dim)
+        slopes = layer_slopes(self.num_heads, self.layer_idx, self.num_layers)
+        op_kwargs = dict(impl=self.impl, block_size=self.block_size)
+        if decode:
+            initialized = self.has_variable("cache", "state")
+            shape = (x.shape[0], self.num_heads, head_dim, head_dim)
+            state = self.variable("cache", "state", jnp.zeros, shape, jnp.float32)
+            if initialized and state.value.shape != shape:
+                raise ValueError(
+                    f"linen.LightningAttention: the cache was made for batch size "
+                    f"{state.value.shape[0]}, but the input has batch size {x.shape[0]}"
+                )
+            o, new_state = lightning_attention(
+                q, k, v, slopes, initial_state=state.value, return_final_state=True, **op_kwargs
+            )
+            if initialized:
+                state.value = new_state
+        else:
+            o = lightning_attention(q, k, v, slopes, **op_kwargs)
+        y = simple_rms_norm(merge_heads(o), self.epsilon) * u
+        out_init = self.out_kernel_init or self.kernel_init
+        return nn.Dense(in_features, kernel_init=out_init, name="out_proj", **dense)(y)

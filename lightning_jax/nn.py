@@ -1,0 +1,481 @@
+"""Flax NNX modules: the TransNormerLLM token mixer around `lightning_attention`, and friends.
+
+- `LightningAttention`: the token mixer of TransNormerLLM (NormLinearAttention):
+  one fused projection to q, k, v and an output gate u; SiLU on q and k; the
+  op with the layer's decay slopes; a `SimpleRMSNorm` over all heads; times u;
+  an output projection. With `init_cache` and `decode=True` it keeps the
+  fixed-size float32 state `[B, H, d, d]` between calls, so decoding costs O(1)
+  time and memory per token.
+- `SimpleRMSNorm`: RMS normalisation without a weight.
+- `SGLU`: the simple gated linear unit (no activation) of TransNormerLLM.
+- `SoftmaxAttention`: standard causal softmax attention with rotary embeddings
+  and a KV cache, the baseline token mixer of `lightning_jax.models`.
+
+Conventions follow `flax.nnx.MultiHeadAttention`: keyword-only `rngs`,
+`dtype` (the compute dtype; None infers it from inputs and params) and
+`param_dtype`, initialisers as arguments, `init_cache` with `nnx.Cache`
+variables.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from flax.typing import Dtype, Initializer, PrecisionLike
+from jax import lax
+
+from lightning_jax.api import lightning_attention
+from lightning_jax.slopes import layer_slopes
+
+default_kernel_init = nnx.initializers.lecun_normal()
+
+
+class DecaySlopes(nnx.Variable):
+    """Per-head decay slopes of a `LightningAttention` layer: state, not a parameter.
+
+    They are constants of the operator (no gradient flows to them), so they are
+    kept out of `nnx.Param` and hence out of optimisers and `nnx.grad`.
+    """
+
+
+# --- helpers shared with the Linen wrapper ---------------------------------------------------
+
+
+def resolve_head_dim(in_features: int, num_heads: int, head_dim: int | None) -> int:
+    """`head_dim`, or `in_features // num_heads` when it divides evenly."""
+    for name, value in (("in_features", in_features), ("num_heads", num_heads)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if head_dim is None:
+        if in_features % num_heads:
+            raise ValueError(
+                f"in_features ({in_features}) must be divisible by num_heads ({num_heads}) "
+                "when head_dim is not given"
+            )
+        return in_features // num_heads
+    if isinstance(head_dim, bool) or not isinstance(head_dim, (int, np.integer)) or head_dim < 1:
+        raise ValueError(f"head_dim must be None or a positive int, got {head_dim!r}")
+    return int(head_dim)
+
+
+def check_features(x: jax.Array, in_features: int | None, what: str) -> None:
+    """x must be a floating `[B, T, in_features]` array."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{what}: input must be an array, got {type(x).__name__}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{what}: input must have a floating dtype, got {x.dtype}")
+    if x.ndim != 3 or (in_features is not None and x.shape[-1] != in_features):
+        want = in_features if in_features is not None else "features"
+        raise ValueError(
+            f"{what}: input must have shape [batch, seq, {want}], got {tuple(x.shape)}"
+        )
+
+
+def simple_rms_norm(x: jax.Array, epsilon: float = 1e-6, dtype: Dtype | None = None) -> jax.Array:
+    """x * rsqrt(mean(x^2) + eps) over the last axis, computed in float32.
+
+    The formula of TransNormerLLM's released model code (`SimpleRMSNorm`,
+    norm.py); the result is cast to `dtype` (default: x's dtype).
+    """
+    out_dtype = x.dtype if dtype is None else dtype
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    out = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + epsilon)
+    return out.astype(out_dtype)
+
+
+def split_qkvu(qkvu: jax.Array, num_heads: int, head_dim: int):
+    """`[B, T, 4*H*d]` -> q, k (SiLU applied), v `[B, H, T, d]` and the gate u `[B, T, H*d]`.
+
+    The fused projection's columns are [q | k | v | u], each head-major
+    (`(h d)`), as in TransNormerLLM's `qkvu_proj(x).chunk(4, -1)`.
+    """
+    batch, seq, _ = qkvu.shape
+    q, k, v, u = jnp.split(qkvu, 4, axis=-1)
+
+    def heads(t):
+        return t.reshape(batch, seq, num_heads, head_dim).transpose(0, 2, 1, 3)
+
+    return heads(jax.nn.silu(q)), heads(jax.nn.silu(k)), heads(v), u
+
+
+def merge_heads(o: jax.Array) -> jax.Array:
+    """`[B, H, T, d]` -> `[B, T, H*d]`."""
+    batch, heads, seq, dim = o.shape
+    return o.transpose(0, 2, 1, 3).reshape(batch, seq, heads * dim)
+
+
+# --- modules -------------------------------------------------------------------------------
+
+
+class SimpleRMSNorm(nnx.Module):
+    """RMS normalisation with no weight: x * rsqrt(mean(x^2) + eps) over the last axis.
+
+    Computed in float32 and cast back to `dtype` (default: the input's dtype).
+
+    Args:
+      num_features: size of the normalised (last) axis; checked on call.
+      epsilon: added to the mean square.
+      dtype: output dtype (None: the input's).
+    """
+
+    def __init__(self, num_features: int, *, epsilon: float = 1e-6, dtype: Dtype | None = None):
+        self.num_features = num_features
+        self.epsilon = epsilon
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x `[..., num_features]` -> the same shape."""
+        if x.shape[-1] != self.num_features:
+            raise ValueError(
+                f"SimpleRMSNorm: last axis must be num_features={self.num_features}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        return simple_rms_norm(x, self.epsilon, self.dtype)
+
+
+class SGLU(nnx.Module):
+    """Simple gated linear unit of TransNormerLLM: l3(l1(x) * l2(x)), no activation, no bias.
+
+    Args:
+      in_features: input and output size D.
+      hidden_features: hidden size F (l1, l2: D -> F; l3: F -> D).
+      dtype: compute dtype (None: inferred from inputs and params).
+      param_dtype: dtype of the kernels.
+      precision: matmul precision.
+      kernel_init: initialiser of the three kernels.
+      rngs: random streams for initialisation.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        *,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: PrecisionLike = None,
+        kernel_init: Initializer = default_kernel_init,
+        rngs: nnx.Rngs,
+    ):
+        linear = dict(
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            kernel_init=kernel_init,
+            rngs=rngs,
+        )
+        self.in_features = in_features
+        self.hidden_features = hidden_features
+        self.l1 = nnx.Linear(in_features, hidden_features, **linear)
+        self.l2 = nnx.Linear(in_features, hidden_features, **linear)
+        self.l3 = nnx.Linear(hidden_features, in_features, **linear)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x `[..., D]` -> `[..., D]`."""
+        return self.l3(self.l1(x) * self.l2(x))
+
+
+class LightningAttention(nnx.Module):
+    """TransNormerLLM token mixer (NormLinearAttention) on the Lightning Attention op.
+
+    For x `[B, T, D]`:
+
+        q, k, v, u = split(x @ W_qkvu)         W_qkvu: [D, 4*H*d], columns [q | k | v | u]
+        q, k = silu(q), silu(k)                 (per head: [B, H, T, d])
+        o = lightning_attention(q, k, v, slopes)   per-layer decay, no softmax, no scale
+        y = (SimpleRMSNorm(o over all H*d features) * u) @ W_out      W_out: [H*d, D]
+
+    `slopes = layer_slopes(num_heads, layer_idx, num_layers)` are kept as
+    non-trainable `DecaySlopes` state.
+
+    Decoding: `init_cache(batch_size)` creates the float32 state `[B, H, d, d]`
+    (zeros); `__call__(x, decode=True)` then consumes any number of new tokens,
+    continuing from the state and storing the new one (a prompt is prefilled by
+    the chunked op; a single token is O(1) work and memory).
+
+    Args:
+      in_features: model width D.
+      num_heads: number of heads H.
+      head_dim: per-head width d (None: D // H, which must divide evenly).
+      layer_idx: index of this layer in the stack, for the slopes.
+      num_layers: number of layers in the stack, for the slopes.
+      impl: implementation of the op (`lightning_jax.available_impls()`).
+      block_size: block size of the op's tiling (None: its default).
+      epsilon: epsilon of the output norm.
+      dtype: compute dtype (None: inferred from inputs and params). Params and
+        inputs are cast to it for the matmuls; the op accumulates in float32.
+      param_dtype: dtype of the kernels.
+      precision: matmul precision of the projections.
+      kernel_init: initialiser of the qkvu projection.
+      out_kernel_init: initialiser of the output projection (None: kernel_init).
+      rngs: random streams for initialisation.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_heads: int,
+        *,
+        head_dim: int | None = None,
+        layer_idx: int = 0,
+        num_layers: int = 1,
+        impl: str = "auto",
+        block_size: int | None = None,
+        epsilon: float = 1e-6,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: PrecisionLike = None,
+        kernel_init: Initializer = default_kernel_init,
+        out_kernel_init: Initializer | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.head_dim = resolve_head_dim(in_features, num_heads, head_dim)
+        self.in_features = in_features
+        self.num_heads = num_heads
+        self.layer_idx = layer_idx
+        self.num_layers = num_layers
+        self.impl = impl
+        self.block_size = block_size
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        hidden = num_heads * self.head_dim
+        self.qkvu_proj = nnx.Linear(
+            in_features,
+            4 * hidden,
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            kernel_init=kernel_init,
+            rngs=rngs,
+        )
+        self.out_proj = nnx.Linear(
+            hidden,
+            in_features,
+            use_bias=False,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            kernel_init=out_kernel_init or kernel_init,
+            rngs=rngs,
+        )
+        self.slopes = DecaySlopes(layer_slopes(num_heads, layer_idx, num_layers))
+        self.state: nnx.Cache | None = nnx.data(None)
+
+    def init_cache(self, batch_size: int, dtype: Dtype = jnp.float32) -> None:
+        """Creates (or resets) the decoding state: zeros `[batch_size, H, d, d]`.
+
+        Args:
+          batch_size: batch size B of the tokens that will be decoded.
+          dtype: dtype of the stored state; float32 (the op's state dtype) keeps
+            decoding exact, a narrower dtype rounds the state after every call.
+        """
+        shape = (batch_size, self.num_heads, self.head_dim, self.head_dim)
+        self.state = nnx.Cache(jnp.zeros(shape, dtype))
+
+    def __call__(self, x: jax.Array, *, decode: bool = False) -> jax.Array:
+        """Mixes tokens causally.
+
+        Args:
+          x: `[B, T, D]` inputs.
+          decode: continue from the cached state (after `init_cache`) and store
+            the state after the last of these T tokens.
+
+        Returns:
+          `[B, T, D]` in the compute dtype.
+        """
+        check_features(x, self.in_features, "LightningAttention")
+        initial_state = None
+        if decode:
+            initial_state = self._cached_state(x.shape[0])
+        q, k, v, u = split_qkvu(self.qkvu_proj(x), self.num_heads, self.head_dim)
+        slopes = self.slopes[...]
+        op_kwargs = dict(impl=self.impl, block_size=self.block_size)
+        if decode:
+            o, state = lightning_attention(
+                q, k, v, slopes, initial_state=initial_state, return_final_state=True, **op_kwargs
+            )
+            self.state[...] = state.astype(self.state.dtype)
+        else:
+            o = lightning_attention(q, k, v, slopes, **op_kwargs)
+        y = simple_rms_norm(merge_heads(o), self.epsilon) * u
+        return self.out_proj(y)
+
+    def _cached_state(self, batch: int) -> jax.Array:
+        if self.state is None:
+            raise ValueError(
+                "LightningAttention: decode=True needs a cache; call init_cache(batch_size) first"
+            )
+        cached = self.state.shape[0]
+        if cached != batch:
+            raise ValueError(
+                f"LightningAttention: the cache was made for batch size {cached}, but the input "
+                f"has batch size {batch}; call init_cache({batch})"
+            )
+        return self.state[...]
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10000.0) -> jax.Array:
+    """Rotary position embedding (rotate-half form of GPT-NeoX / Llama).
+
+    Args:
+      x: `[B, T, H, d]` with d even.
+      positions: `[T]` integer positions of the T rows.
+      base: frequency base; pair i rotates by position * base^(-2i/d).
+
+    Returns:
+      `[B, T, H, d]` in x's dtype (angles and products in float32).
+    """
+    d = x.shape[-1]
+    inv_freq = base ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [d/2]
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, d/2]
+    cos = jnp.cos(angles)[None, :, None, :]
+    sin = jnp.sin(angles)[None, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class SoftmaxAttention(nnx.Module):
+    """Causal softmax attention with rotary embeddings and a KV cache (the baseline mixer).
+
+    For x `[B, T, D]`: q, k, v = split(x @ W_qkv) per head, RoPE on q and k,
+    `jax.nn.dot_product_attention(..., is_causal=True)` (scale 1/sqrt(d)),
+    then `@ W_out`.
+
+    Decoding: `init_cache(batch_size, max_length)` creates a KV cache
+    `[B, max_length, H, d]` and a position index; `__call__(x, decode=True)`
+    appends the T new tokens at the index, attends with an explicit mask
+    built from positions, and advances the index.
+
+    Args:
+      in_features: model width D.
+      num_heads: number of heads H.
+      head_dim: per-head width d, even (None: D // H).
+      rope_base: base of the rotary frequencies.
+      dtype: compute dtype (None: inferred from inputs and params).
+      param_dtype: dtype of the kernels.
+      precision: matmul precision of the projections.
+      kernel_init: initialiser of the qkv projection.
+      out_kernel_init: initialiser of the output projection (None: kernel_init).
+      rngs: random streams for initialisation.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_heads: int,
+        *,
+        head_dim: int | None = None,
+        rope_base: float = 10000.0,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        precision: PrecisionLike = None,
+        kernel_init: Initializer = default_kernel_init,
+        out_kernel_init: Initializer | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.head_dim = resolve_head_dim(in_features, num_heads, head_dim)
+        if self.head_dim % 2:
+            raise ValueError(
+                f"SoftmaxAttention: head_dim must be even for RoPE, got {self.head_dim}"
+            )
+        self.in_features = in_features
+        self.num_heads = num_heads
+        self.rope_base = rope_base
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        hidden = num_heads * self.head_dim
+        linear: dict[str, Any] = dict(
+            use_bias=False, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs
+        )
+        self.qkv_proj = nnx.Linear(in_features, 3 * hidden, kernel_init=kernel_init, **linear)
+        self.out_proj = nnx.Linear(
+            hidden, in_features, kernel_init=out_kernel_init or kernel_init, **linear
+        )
+        self.cached_key: nnx.Cache | None = nnx.data(None)
+        self.cached_value: nnx.Cache | None = nnx.data(None)
+        self.cache_index: nnx.Cache | None = nnx.data(None)
+
+    def init_cache(self, batch_size: int, max_length: int, dtype: Dtype | None = None) -> None:
+        """Creates (or resets) the KV cache `[batch_size, max_length, H, d]` and index 0.
+
+        Args:
+          batch_size: batch size B of the tokens that will be decoded.
+          max_length: most tokens the cache holds (prompt plus generated).
+          dtype: dtype of the cached keys and values (None: `dtype`, else
+            `param_dtype`).
+        """
+        dtype = dtype or self.dtype or self.param_dtype
+        shape = (batch_size, max_length, self.num_heads, self.head_dim)
+        self.cached_key = nnx.Cache(jnp.zeros(shape, dtype))
+        self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
+        self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
+
+    def __call__(self, x: jax.Array, *, decode: bool = False) -> jax.Array:
+        """Causal self-attention.
+
+        Args:
+          x: `[B, T, D]` inputs.
+          decode: append to the KV cache (after `init_cache`) and attend to
+            everything cached so far.
+
+        Returns:
+          `[B, T, D]` in the compute dtype.
+        """
+        check_features(x, self.in_features, "SoftmaxAttention")
+        batch, seq, _ = x.shape
+        if decode:
+            self._check_cache(batch, seq)
+            start = self.cache_index[...]
+        else:
+            start = jnp.array(0, jnp.int32)
+        qkv = self.qkv_proj(x).reshape(batch, seq, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, d]
+        positions = start + jnp.arange(seq, dtype=jnp.int32)
+        q = rotary_embedding(q, positions, self.rope_base)
+        k = rotary_embedding(k, positions, self.rope_base)
+        if decode:
+            cache_dtype = self.cached_key.dtype
+            index = (0, start, 0, 0)
+            keys = lax.dynamic_update_slice(self.cached_key[...], k.astype(cache_dtype), index)
+            values = lax.dynamic_update_slice(self.cached_value[...], v.astype(cache_dtype), index)
+            self.cached_key[...] = keys
+            self.cached_value[...] = values
+            self.cache_index[...] = start + seq
+            # Row t (position start + t) sees cached positions <= its own; the
+            # unfilled tail of the cache lies beyond every query's position.
+            slots = jnp.arange(keys.shape[1], dtype=jnp.int32)
+            mask = slots[None, :] <= positions[:, None]  # [T, max_length]
+            o = jax.nn.dot_product_attention(
+                q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask[None, None]
+            )
+        else:
+            o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(o.reshape(batch, seq, self.num_heads * self.head_dim))
+
+    def _check_cache(self, batch: int, seq: int) -> None:
+        if self.cached_key is None:
+            raise ValueError(
+                "SoftmaxAttention: decode=True needs a cache; call init_cache(batch_size, "
+                "max_length) first"
+            )
+        cached_batch, max_length = self.cached_key.shape[:2]
+        if cached_batch != batch:
+            raise ValueError(
+                f"SoftmaxAttention: the cache was made for batch size {cached_batch}, but the "
+                f"input has batch size {batch}"
+            )
+        index = self.cache_index[...]
+        # Only checkable outside jit; under jit dynamic_update_slice would clamp.
+        if not isinstance(index, jax.core.Tracer) and int(index) + seq > max_length:
+            raise ValueError(
+                f"SoftmaxAttention: {int(index)} cached + {seq} new tokens exceed the cache "
+                f"length {max_length}"
+            )

@@ -49,6 +49,7 @@ flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s for the roofline (default:
 flags.DEFINE_float("peak_gbps", None, "Peak memory GB/s for the roofline (default: table).")
 flags.DEFINE_string("out", "results/bench_ops.json", "JSON output path ('' to skip).")
 flags.DEFINE_bool("markdown", False, "Also print the table as markdown.")
+flags.DEFINE_bool("plot", True, "Write PNGs of time and memory against seq beside the JSON.")
 
 DEFAULT_IMPLS = {
     "cpu": ["xla", "reference"],
@@ -285,6 +286,42 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict, path_prefix: str) -> list[str]:
+    """The paper's Figure 3 analogue: time and temp memory per token against seq, per impl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = result["config"]
+    title = f"b{cfg['batch']} h{cfg['heads']} d=e={cfg['dim']} {cfg['dtype']}, {cfg['device']}"
+    paths = []
+    panels = (
+        ("time", "us per token", "us_per_token"),
+        ("memory", "temp bytes per token", "temp_bytes_per_token"),
+    )
+    for name, ylabel, suffix in panels:
+        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+        for i, (impl, by_seq) in enumerate(_by_impl(result).items()):
+            seqs = sorted(by_seq)
+            for kind, label, style in (("fwd", "fwd", "o-"), ("fwd_bwd", "fwd+bwd", "s--")):
+                values = [by_seq[n][f"{kind}_{suffix}"] for n in seqs]
+                ax.plot(seqs, values, style, color=f"C{i}", label=f"{impl} {label}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{name} per token: {title}", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = f"{path_prefix}_{name}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def _peaks(matmul_gflops: float) -> tuple[float | None, float | None]:
     if FLAGS.peak_tflops or FLAGS.peak_gbps:
         return FLAGS.peak_tflops, FLAGS.peak_gbps
@@ -339,6 +376,8 @@ def main(argv):
         with open(FLAGS.out, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {FLAGS.out}")
+        if FLAGS.plot:
+            print("wrote " + ", ".join(plot(result, os.path.splitext(FLAGS.out)[0])))
 
 
 if __name__ == "__main__":

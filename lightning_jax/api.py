@@ -145,7 +145,7 @@ def lightning_attention(
     batch, heads, _, d = q.shape
     e = v.shape[-1]
     if initial_state is None:
-        s0 = jax.numpy.zeros((batch, heads, d, e), dtype)
+        s0 = jax.numpy.zeros_like(q, shape=(batch, heads, d, e), dtype=dtype)
     else:
         s0 = initial_state.astype(dtype)
     o, state = fn(q, k, v, slopes, s0, block_size, interpret)

@@ -24,7 +24,7 @@ def _prepare(q, k, v, slopes, initial_state):
     batch, heads, _, d = q.shape
     e = v.shape[-1]
     if initial_state is None:
-        s0 = jnp.zeros((batch, heads, d, e), dtype)
+        s0 = jnp.zeros_like(q, shape=(batch, heads, d, e), dtype=dtype)
     else:
         s0 = initial_state.astype(dtype)
     return q.astype(dtype), k.astype(dtype), v.astype(dtype), s.astype(dtype), s0

@@ -186,7 +186,8 @@ def _write(buf: jax.Array, start, rows: int, blocked: jax.Array) -> jax.Array:
 def _forward(q, k, v, slopes, s0, plan: _Plan):
     """Returns o [G, T, e] in q's dtype, the final state, and what the backward needs."""
     dtype = s0.dtype
-    o = jnp.zeros(v.shape, q.dtype)
+    # zeros_like keeps the inputs' type (e.g. their varying axes inside shard_map).
+    o = jnp.zeros_like(v, dtype=q.dtype)
     kv, chunk_starts = s0, None
     if plan.full:
         dec = _decays(slopes, plan.block, plan.chunk // plan.block, plan.chunk, dtype)
@@ -213,7 +214,7 @@ def _backward(q, k, v, slopes, do, dkv, starts, plan: _Plan):
     """Reverse sweep: returns dq, dk, dv in the inputs' dtypes and dL/d(initial state)."""
     dtype = dkv.dtype
     chunk_starts, tail_start = starts
-    grads = tuple(jnp.zeros(x.shape, x.dtype) for x in (q, k, v))
+    grads = tuple(jnp.zeros_like(x) for x in (q, k, v))
 
     def chunk_grads(grads, dkv, kv, start, rows, padded, dec):
         blocked = (_read(x, start, rows, padded, plan, dtype) for x in (q, k, v, do))

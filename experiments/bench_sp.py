@@ -12,16 +12,19 @@ sequence split over P devices, forward and forward+backward, for each combine
 - the median wall time over --reps interleaved repetitions.
 
 The communicated bytes depend on B, H, D, E and P only: constant in seq.
-P = 1 is the single-device op under the same wrapper (no collectives). On one
-CPU the "devices" share the cores, so the times show overhead, not speed-up.
+P = 1 is the single-device op under the same wrapper (its backward keeps one
+trivial all-reduce over a 1-device axis: shard_map's sum of the initial state's
+gradient). On one CPU the "devices" share the cores, so the times show the
+overhead of splitting, not a speed-up; seq 128 is dominated by the combine.
 
-  python experiments/bench_sp.py                          # default: ~2 min on 2 cores
+  python experiments/bench_sp.py                          # default: ~1-1.5 min on 2 cores
   python experiments/bench_sp.py --seqs=4096,65536 --devices=1,8 --reps=7
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from absl import app, flags
@@ -54,8 +57,6 @@ def _set_device_count(n: int) -> None:
 
 def _shapes_bytes(text: str) -> int:
     """Total bytes of the array shapes written in an HLO fragment, e.g. f32[8,64]{1,0}."""
-    import re
-
     total = 0
     for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text):
         if dtype in _ITEMSIZE:
@@ -68,8 +69,6 @@ def _shapes_bytes(text: str) -> int:
 
 def collective_bytes(hlo_text: str) -> dict:
     """Collectives in compiled HLO text: count, summed result bytes and operand bytes."""
-    import re
-
     shapes = {}  # instruction name -> its result shape text
     collectives = []
     define = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")

@@ -7,6 +7,8 @@ last block by its true length (DESIGN.md section 4).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -54,3 +56,33 @@ def unpad(o, state, batch: int, heads: int, n: int, d: int, e: int):
     o = o[:, :n, :e].reshape(batch, heads, n, e)
     state = state[:, :d, :e].reshape(batch, heads, d, e)
     return o, state
+
+
+def kernel_op(forward: Callable, backward: Callable) -> Callable:
+    """The op as a `jax.custom_vjp` around a backend's forward and backward kernels.
+
+    forward(q, k, v, slopes, s0, block, seq_len, interpret) -> (o, final_state);
+    backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret)
+      -> (dq, dk, dv, d_s0). The backward recomputes states from the inputs, so
+    the residuals are the inputs themselves.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+    def op(q, k, v, slopes, s0, block, seq_len, interpret):
+        return forward(q, k, v, slopes, s0, block, seq_len, interpret)
+
+    def op_fwd(q, k, v, slopes, s0, block, seq_len, interpret):
+        out = forward(q, k, v, slopes, s0, block, seq_len, interpret)
+        return out, (q, k, v, slopes, s0)
+
+    def op_bwd(block, seq_len, interpret, residuals, cotangents):
+        q, k, v, slopes, s0 = residuals
+        do, dstate = cotangents
+        dq, dk, dv, ds0 = backward(
+            q, k, v, slopes, s0, do.astype(q.dtype), dstate, block, seq_len, interpret
+        )
+        # Slopes are constants of the operator (as in the paper): no gradient.
+        return dq, dk, dv, jnp.zeros_like(slopes), ds0
+
+    op.defvjp(op_fwd, op_bwd)
+    return op

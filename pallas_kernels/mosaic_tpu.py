@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import flatten_and_pad, round_up, unpad
+from pallas_kernels._common import flatten_and_pad, kernel_op, round_up, unpad
 
 DEFAULT_BLOCK = 128
 LANES = 128
@@ -252,27 +252,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret):
     return dq, dk, dv, ds0
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _lightning(q, k, v, slopes, s0, block, seq_len, interpret):
-    return _forward(q, k, v, slopes, s0, block, seq_len, interpret)
-
-
-def _lightning_fwd(q, k, v, slopes, s0, block, seq_len, interpret):
-    out = _forward(q, k, v, slopes, s0, block, seq_len, interpret)
-    return out, (q, k, v, slopes, s0)
-
-
-def _lightning_bwd(block, seq_len, interpret, residuals, cotangents):
-    q, k, v, slopes, s0 = residuals
-    do, dstate = cotangents
-    dq, dk, dv, ds0 = _backward(
-        q, k, v, slopes, s0, do.astype(q.dtype), dstate, block, seq_len, interpret
-    )
-    # Slopes are constants of the operator (as in the paper): no gradient.
-    return dq, dk, dv, jnp.zeros_like(slopes), ds0
-
-
-_lightning.defvjp(_lightning_fwd, _lightning_bwd)
+_lightning = kernel_op(_forward, _backward)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "interpret"))

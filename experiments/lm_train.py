@@ -3,7 +3,10 @@
 `train(cfg)` builds the model (`lightning_jax.models.TransNormerLM`), an optax
 AdamW with warmup + cosine decay and gradient clipping, and a jitted train step
 that is data-parallel over all local devices (a `jax.sharding.Mesh` over a
-"data" axis: the batch is sharded, the parameters replicated). It logs to the
+"data" axis: the batch is sharded, the parameters replicated). With
+`seq_parallel=S > 1` the mesh is (data = devices / S, seq = S): the token batch
+is sharded over both axes (`P("data", "seq")`), each lightning layer runs its op
+sequence-parallel over "seq", so one sequence may be longer than a device holds. It logs to the
 terminal and to `metrics.jsonl`, evaluates held-out loss and bits per byte,
 saves and resumes orbax checkpoints, and plots the loss curves.
 
@@ -49,6 +52,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     dtype: str = "float32"  # compute dtype; parameters stay float32
     impl: str = "auto"
+    seq_parallel: int = 1  # devices per sequence (the "seq" mesh axis); lightning mixer only
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
@@ -107,7 +111,9 @@ def config_from_preset(preset: str, **overrides) -> TrainConfig:
     return TrainConfig(**fields)
 
 
-def model_config(cfg: TrainConfig) -> TransNormerConfig:
+def model_config(cfg: TrainConfig, mesh: Mesh | None = None) -> TransNormerConfig:
+    """The model of cfg; with cfg.seq_parallel > 1, sequence-parallel over mesh's "seq" axis."""
+    sp = dict(mesh=mesh, seq_axis="seq", batch_axis="data") if cfg.seq_parallel > 1 else {}
     return TransNormerConfig(
         vocab_size=lm_data.VOCAB_SIZE,
         num_layers=cfg.num_layers,
@@ -117,7 +123,48 @@ def model_config(cfg: TrainConfig) -> TransNormerConfig:
         max_seq_len=cfg.seq_len,
         impl=cfg.impl,
         dtype=jnp.dtype(cfg.dtype),
+        **sp,
     )
+
+
+def make_mesh(cfg: TrainConfig, devices=None) -> Mesh:
+    """("data",) over the devices, or ("data", "seq") with seq = cfg.seq_parallel > 1."""
+    devices = np.array(jax.local_devices() if devices is None else devices)
+    sp = cfg.seq_parallel
+    if isinstance(sp, bool) or not isinstance(sp, (int, np.integer)) or sp < 1:
+        raise ValueError(f"seq_parallel must be a positive int, got {sp!r}")
+    if sp == 1:
+        return Mesh(devices, ("data",))
+    if devices.size % sp:
+        raise ValueError(
+            f"the {devices.size} devices must divide by seq_parallel {sp} "
+            "(mesh: data = devices / seq_parallel, seq = seq_parallel)"
+        )
+    return Mesh(devices.reshape(devices.size // sp, sp), ("data", "seq"))
+
+
+def _check_mesh(cfg: TrainConfig, mesh: Mesh) -> None:
+    if "data" not in mesh.axis_names:
+        raise ValueError(f'the mesh needs a "data" axis, got axes {tuple(mesh.axis_names)}')
+    extra = set(mesh.axis_names) - {"data", "seq"}
+    if extra:
+        raise ValueError(f'mesh axes must be "data" and optionally "seq", got {mesh.axis_names}')
+    n_seq = mesh.shape.get("seq", 1)
+    if n_seq != cfg.seq_parallel:
+        raise ValueError(
+            f'seq_parallel {cfg.seq_parallel} must equal the {n_seq} devices of the mesh\'s "seq" '
+            "axis"
+        )
+    if cfg.seq_parallel > 1 and cfg.mixer != "lightning":
+        raise ValueError(
+            f"seq_parallel {cfg.seq_parallel} needs mixer='lightning' (sequence parallelism "
+            f"is implemented for the lightning op), got mixer={cfg.mixer!r}"
+        )
+    if cfg.seq_len % n_seq:
+        raise ValueError(
+            f"seq_len {cfg.seq_len} must divide by the {n_seq} devices of the seq axis "
+            "(seq_parallel)"
+        )
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -138,18 +185,22 @@ class Trainer:
     """The model split into (graphdef, params, constants) and the jitted steps."""
 
     def __init__(self, cfg: TrainConfig, mesh: Mesh | None = None):
+        """mesh: ("data",) or ("data", "seq") with seq = cfg.seq_parallel (None: `make_mesh`)."""
         self.cfg = cfg
-        self.mesh = mesh or Mesh(np.array(jax.local_devices()), ("data",))
+        self.mesh = mesh or make_mesh(cfg)
+        _check_mesh(cfg, self.mesh)
         n_data = self.mesh.shape["data"]
         if cfg.batch_size % n_data:
             raise ValueError(
                 f"batch_size {cfg.batch_size} must divide by the {n_data} devices of the data axis"
             )
-        model = TransNormerLM(model_config(cfg), rngs=nnx.Rngs(cfg.seed))
+        model = TransNormerLM(model_config(cfg, self.mesh), rngs=nnx.Rngs(cfg.seed))
         # Params train; the rest (per-layer slopes, caches) are constants of the step.
         self.graphdef, params, self.constants = nnx.split(model, nnx.Param, ...)
         self.optimizer = make_optimizer(cfg)
-        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+        # Tokens [B, T]: the batch over "data", the sequence over "seq" (if any).
+        seq = "seq" if "seq" in self.mesh.axis_names else None
+        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data", seq))
         replicated = NamedSharding(self.mesh, PartitionSpec())
         state = dict(params=params, opt_state=self.optimizer.init(params))
         # One sharding for the state in and out, so the second step reuses the first's compile.
@@ -245,7 +296,8 @@ def train(cfg: TrainConfig, corpus: lm_data.Corpus | None = None, verbose: bool 
         print(
             f"[{cfg.mixer}] {corpus.num_files} files, {corpus.train.size:,} train / "
             f"{corpus.held_out.size:,} held-out bytes from {corpus.source}; "
-            f"{len(jax.local_devices())} device(s); steps {start}..{cfg.steps}"
+            f"{len(jax.local_devices())} device(s), mesh {dict(trainer.mesh.shape)}; "
+            f"steps {start}..{cfg.steps}"
         )
     for step in range(start, cfg.steps):
         loss = trainer.step(corpus.train, step)

@@ -11,7 +11,11 @@ orbax checkpoints, loss.png.
   python experiments/train_lm.py --compare --workdir=results/compare     # lightning vs softmax
 
 Data-parallel over all local devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=4
-on a CPU).
+on a CPU). --seq_parallel=S also splits every sequence over S devices (mesh data x seq =
+devices / S x S; lightning mixer only), for sequences longer than one device holds:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+    python experiments/train_lm.py --seq_parallel=4 --seq_len=1024 --batch_size=4
 """
 
 from __future__ import annotations
@@ -41,6 +45,9 @@ flags.DEFINE_float("learning_rate", None, "Peak learning rate.")
 flags.DEFINE_integer("warmup_steps", None, "Linear warmup steps.")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (params stay f32).")
 flags.DEFINE_string("impl", None, "Lightning op implementation (auto, xla, triton, ...).")
+flags.DEFINE_integer(
+    "seq_parallel", None, "Devices per sequence (mesh: data = devices / S, seq = S); lightning."
+)
 flags.DEFINE_integer("seed", None, "Seed of the init and of the batches.")
 flags.DEFINE_integer("log_every", None, "Steps between log lines.")
 flags.DEFINE_integer("eval_every", None, "Steps between held-out evaluations.")
@@ -52,7 +59,8 @@ flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --wor
 
 _OVERRIDES = (
     "mixer steps seq_len batch_size num_layers embed_dim num_heads learning_rate warmup_steps "
-    "dtype impl seed log_every eval_every checkpoint_every data max_corpus_bytes workdir"
+    "dtype impl seq_parallel seed log_every eval_every checkpoint_every data max_corpus_bytes "
+    "workdir"
 ).split()
 
 
@@ -66,6 +74,11 @@ def main(argv):
             "_compare" if FLAGS.compare else ""
         )
     cfg = lm_train.config_from_preset(FLAGS.preset, **overrides)
+    if FLAGS.compare and cfg.seq_parallel > 1:
+        raise app.UsageError(
+            "--compare trains the softmax mixer too, which has no sequence parallelism; "
+            "drop --seq_parallel"
+        )
     corpus = lm_data.load_corpus(cfg.data, max_bytes=cfg.max_corpus_bytes)
     if not FLAGS.compare:
         lm_train.train(cfg, corpus)

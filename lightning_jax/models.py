@@ -11,6 +11,12 @@ Decoding: `model.init_cache(batch_size)` gives every lightning layer its
 fixed-size float32 state and every softmax layer a KV cache of
 `config.max_seq_len`; `model(tokens, decode=True)` then consumes any number of
 new tokens per call (prefill a prompt, then one token at a time).
+
+Sequence parallelism: `TransNormerConfig(mesh=..., seq_axis=..., batch_axis=...)`
+runs every lightning layer's op sequence-parallel over `seq_axis` (see
+`lightning_jax.nn.LightningAttention`); inside `jax.jit`, with the tokens
+sharded `P(batch_axis, seq_axis)`, the per-token rest of the model stays
+sharded along the sequence too.
 """
 
 from __future__ import annotations
@@ -24,7 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lightning_jax.nn import SGLU, LightningAttention, SimpleRMSNorm, SoftmaxAttention
+from lightning_jax.nn import (
+    SGLU,
+    LightningAttention,
+    SimpleRMSNorm,
+    SoftmaxAttention,
+    check_sequence_parallel,
+)
 
 MIXERS = ("lightning", "softmax")
 
@@ -59,6 +71,11 @@ class TransNormerConfig:
       epsilon: epsilon of every SimpleRMSNorm.
       dtype: compute dtype (None: float32 from float32 params).
       param_dtype: dtype of the parameters.
+      mesh: `jax.sharding.Mesh` of `seq_axis` and `batch_axis` (unused without
+        `seq_axis`).
+      seq_axis: mesh axis (or tuple) the lightning op shards the sequence over
+        (None: no sequence parallelism). Lightning mixer only; decoding ignores it.
+      batch_axis: mesh axis (or tuple) the batch is sharded over (with `seq_axis`).
     """
 
     vocab_size: int
@@ -77,6 +94,9 @@ class TransNormerConfig:
     epsilon: float = 1e-6
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    mesh: Any = None
+    seq_axis: Any = None
+    batch_axis: Any = None
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "embed_dim", "num_heads", "max_seq_len"):
@@ -96,6 +116,12 @@ class TransNormerConfig:
                 f"TransNormerConfig: the softmax mixer's RoPE needs an even head_dim, got "
                 f"{self.attn_head_dim}"
             )
+        if self.mixer == "softmax" and self.seq_axis is not None:
+            raise ValueError(
+                "TransNormerConfig: seq_axis (sequence parallelism) is supported by the "
+                "lightning mixer only, got mixer='softmax'"
+            )
+        check_sequence_parallel("TransNormerConfig", self.mesh, self.seq_axis, self.batch_axis)
 
     @property
     def attn_head_dim(self) -> int:
@@ -170,6 +196,9 @@ class TransNormerBlock(nnx.Module):
                 impl=c.impl,
                 block_size=c.block_size,
                 epsilon=c.epsilon,
+                mesh=c.mesh,
+                seq_axis=c.seq_axis,
+                batch_axis=c.batch_axis,
                 **common,
             )
         else:

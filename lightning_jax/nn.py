@@ -5,7 +5,9 @@
   op with the layer's decay slopes; a `SimpleRMSNorm` over all heads; times u;
   an output projection. With `init_cache` and `decode=True` it keeps the
   fixed-size float32 state `[B, H, d, d]` between calls, so decoding costs O(1)
-  time and memory per token.
+  time and memory per token. With `mesh` and `seq_axis` it runs the op
+  sequence-parallel (`lightning_jax.parallel.lightning_attention_sharded`), for
+  sequences longer than one device holds.
 - `SimpleRMSNorm`: RMS normalisation without a weight.
 - `SGLU`: the simple gated linear unit (no activation) of TransNormerLLM.
 - `SoftmaxAttention`: standard causal softmax attention with rotary embeddings
@@ -27,8 +29,10 @@ import numpy as np
 from flax import nnx
 from flax.typing import Dtype, Initializer, PrecisionLike
 from jax import lax
+from jax.sharding import Mesh
 
 from lightning_jax.api import lightning_attention
+from lightning_jax.parallel import lightning_attention_sharded
 from lightning_jax.slopes import layer_slopes
 
 default_kernel_init = nnx.initializers.lecun_normal()
@@ -72,6 +76,44 @@ def check_features(x: jax.Array, in_features: int | None, what: str) -> None:
         want = in_features if in_features is not None else "features"
         raise ValueError(
             f"{what}: input must have shape [batch, seq, {want}], got {tuple(x.shape)}"
+        )
+
+
+def _axis_names(axis) -> tuple:
+    return tuple(axis) if isinstance(axis, tuple) else (axis,)
+
+
+def check_sequence_parallel(what: str, mesh: Any, seq_axis: Any, batch_axis: Any) -> None:
+    """Checks the optional (mesh, seq_axis, batch_axis) of a sequence-parallel layer.
+
+    seq_axis None: sequence parallelism is off; batch_axis must then be None too
+    (mesh is unused). seq_axis set: mesh must be a `jax.sharding.Mesh` holding
+    seq_axis (and batch_axis), the two sharing no axis.
+    """
+    if seq_axis is None:
+        if batch_axis is not None:
+            raise ValueError(
+                f"{what}: batch_axis ({batch_axis!r}) is only used with seq_axis; pass "
+                "seq_axis (and mesh) for sequence parallelism, or neither"
+            )
+        return
+    if mesh is None:
+        raise ValueError(
+            f"{what}: seq_axis={seq_axis!r} needs mesh, the jax.sharding.Mesh holding that axis"
+        )
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"{what}: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    for name, axis in (("seq_axis", seq_axis), ("batch_axis", batch_axis)):
+        if axis is None:
+            continue
+        names = _axis_names(axis)
+        if not names or any(a not in mesh.axis_names for a in names):
+            raise ValueError(
+                f"{what}: {name} must name axes of the mesh {tuple(mesh.axis_names)}, got {axis!r}"
+            )
+    if batch_axis is not None and set(_axis_names(seq_axis)) & set(_axis_names(batch_axis)):
+        raise ValueError(
+            f"{what}: seq_axis {seq_axis!r} and batch_axis {batch_axis!r} must not share mesh axes"
         )
 
 
@@ -198,6 +240,18 @@ class LightningAttention(nnx.Module):
     continuing from the state and storing the new one (a prompt is prefilled by
     the chunked op; a single token is O(1) work and memory).
 
+    Sequence parallelism: with `seq_axis` (and `mesh`), the op runs as
+    `lightning_attention_sharded(..., mesh=mesh, seq_axis=seq_axis,
+    batch_axis=batch_axis)`: under `jax.shard_map`, each device of `seq_axis`
+    holding a contiguous part of the sequence, with only `[B, H, d, d]` states
+    crossing devices. Everything else in the layer is per token, so inside
+    `jax.jit` with x sharded over the sequence (e.g. `P(batch_axis, seq_axis)`)
+    GSPMD keeps it sharded too. The result equals the layer without `seq_axis`
+    (same weights) up to rounding, gradients too. T must be divisible by the
+    number of devices on `seq_axis` (B by those on `batch_axis`). `decode=True`
+    ignores the mesh and runs the single-device op (decoding goes token by
+    token, which cannot be split along the sequence).
+
     Args:
       in_features: model width D.
       num_heads: number of heads H.
@@ -213,7 +267,18 @@ class LightningAttention(nnx.Module):
       precision: matmul precision of the projections.
       kernel_init: initialiser of the qkvu projection.
       out_kernel_init: initialiser of the output projection (None: kernel_init).
+      mesh: the `jax.sharding.Mesh` of `seq_axis` and `batch_axis` (unused
+        without `seq_axis`).
+      seq_axis: mesh axis (or tuple of axes) to shard the sequence over in the
+        op; None (default): the single-device op.
+      batch_axis: optional mesh axis (or tuple) the batch is sharded over (only
+        with `seq_axis`); None: the op's batch is replicated over the mesh.
       rngs: random streams for initialisation.
+
+    Raises:
+      ValueError: `seq_axis` without `mesh`, `batch_axis` without `seq_axis`,
+        axes not in the mesh or shared by the two.
+      TypeError: `mesh` not a `jax.sharding.Mesh`.
     """
 
     def __init__(
@@ -232,9 +297,16 @@ class LightningAttention(nnx.Module):
         precision: PrecisionLike = None,
         kernel_init: Initializer = default_kernel_init,
         out_kernel_init: Initializer | None = None,
+        mesh: Mesh | None = None,
+        seq_axis: Any = None,
+        batch_axis: Any = None,
         rngs: nnx.Rngs,
     ):
         self.head_dim = resolve_head_dim(in_features, num_heads, head_dim)
+        check_sequence_parallel("LightningAttention", mesh, seq_axis, batch_axis)
+        self.mesh = mesh
+        self.seq_axis = seq_axis
+        self.batch_axis = batch_axis
         self.in_features = in_features
         self.num_heads = num_heads
         self.layer_idx = layer_idx
@@ -302,6 +374,17 @@ class LightningAttention(nnx.Module):
                 q, k, v, slopes, initial_state=initial_state, return_final_state=True, **op_kwargs
             )
             self.state[...] = state.astype(self.state.dtype)
+        elif self.seq_axis is not None:
+            o = lightning_attention_sharded(
+                q,
+                k,
+                v,
+                slopes,
+                mesh=self.mesh,
+                seq_axis=self.seq_axis,
+                batch_axis=self.batch_axis,
+                **op_kwargs,
+            )
         else:
             o = lightning_attention(q, k, v, slopes, **op_kwargs)
         y = simple_rms_norm(merge_heads(o), self.epsilon) * u

@@ -111,7 +111,7 @@ def plot_tgs(rows: list[dict], path: str) -> None:
 def _define_flags():
     flags.DEFINE_integer("min_seq", 1024, "Smallest seq (powers of two).")
     flags.DEFINE_integer("max_seq", 65536, "Largest seq.")
-    flags.DEFINE_integer("softmax_max_seq", 8192, "Largest seq for the softmax baseline.")
+    flags.DEFINE_integer("softmax_max_seq", 2048, "Largest seq for the softmax baseline.")
     flags.DEFINE_integer("tokens_per_step", 65536, "Tokens per training step (constant).")
     flags.DEFINE_integer("num_layers", 2, "Layers of the fixed model.")
     flags.DEFINE_integer("embed_dim", 128, "Width of the fixed model.")

@@ -25,12 +25,6 @@ class TestXla(LightningOpTestBase):
     impl = "xla"
 
 
-class TestAuto(LightningOpTestBase):
-    """impl="auto" picks the XLA path on CPU."""
-
-    impl = "auto"
-
-
 @pytest.mark.parametrize(
     "seq, block, chunk",
     [(300, 16, 64), (256, 16, 64), (257, 16, 64), (199, 8, 24), (130, 64, 64), (40, 64, 1024)],

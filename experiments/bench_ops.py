@@ -185,7 +185,6 @@ def run(impls, batch, heads, dim, dtype, seqs, reference_max_seq, reps, matmul_s
             row[f"{kind}_bytes"] = moved_bytes(n, batch, heads, dim, itemsize, kind)
             row[f"{kind}_gflops"] = row[f"{kind}_flops"] / row[f"{kind}_s"] / 1e9
             row[f"{kind}_gbps"] = row[f"{kind}_bytes"] / row[f"{kind}_s"] / 1e9
-        row["fwd_useful_gflops"] = row["fwd_gflops"]
     return dict(matmul_gflops=statistics.median(matmul_rates), rows=list(rows.values()))
 
 

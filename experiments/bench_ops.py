@@ -22,6 +22,7 @@ Prints a table and the targets of the issues, and writes JSON.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -31,8 +32,10 @@ import time
 import jax
 import jax.numpy as jnp
 from absl import app, flags
+from jax import lax
 
 import lightning_jax as lj
+from lightning_jax import xla
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("impls", None, "Implementations to time (default: by backend).")
@@ -50,6 +53,12 @@ flags.DEFINE_float("peak_gbps", None, "Peak memory GB/s for the roofline (defaul
 flags.DEFINE_string("out", "results/bench_ops.json", "JSON output path ('' to skip).")
 flags.DEFINE_bool("markdown", False, "Also print the table as markdown.")
 flags.DEFINE_bool("plot", True, "Write PNGs of time and memory against seq beside the JSON.")
+flags.DEFINE_bool(
+    "ceiling", True, "Also time the XLA path's per-chunk matmuls alone (its ceiling)."
+)
+flags.DEFINE_integer("ceiling_steps", 200, "Scan steps per timed call of the ceiling.")
+flags.DEFINE_integer("ceiling_block", xla.DEFAULT_BLOCK, "Block of the ceiling's matmuls.")
+flags.DEFINE_integer("ceiling_chunk", xla.DEFAULT_CHUNK, "Chunk of the ceiling's matmuls.")
 
 DEFAULT_IMPLS = {
     "cpu": ["xla", "reference"],
@@ -188,6 +197,85 @@ def run(impls, batch, heads, dim, dtype, seqs, reference_max_seq, reps, matmul_s
     return dict(matmul_gflops=statistics.median(matmul_rates), rows=list(rows.values()))
 
 
+def chunk_matmul_shapes(groups: int, d: int, e: int, block: int, chunk: int) -> dict:
+    """(lhs, rhs) shapes of the matmuls the XLA path issues per chunk (G = batch*heads)."""
+    nb = chunk // block
+    return {
+        "scores": ((groups, nb, block, d), (groups, nb, d, block)),  # q . keys^T
+        "intra": ((groups, nb, block, block), (groups, nb, block, e)),  # masked scores . v
+        "increments": ((groups, nb, d, block), (groups, nb, block, e)),  # keys^T . decayed v
+        "prefix": ((groups, nb + 1, nb), (groups, nb, d * e)),  # block-start states
+        "inter": ((groups, nb, block, d), (groups, nb, d, e)),  # q . block-start states
+    }
+
+
+def _matmul_scan(rhs: jax.Array, steps: int, with_matmul: bool, chains: int = 1):
+    """A scan whose step multiplies each of `chains` carried lhs by rhs, then perturbs them."""
+
+    def step(xs, _):
+        ys = [jnp.matmul(x, rhs, precision=lax.Precision.HIGHEST) if with_matmul else x for x in xs]
+        return tuple(x + 1e-9 * y[..., :1, :1] for x, y in zip(xs, ys)), None
+
+    return jax.jit(
+        lambda x: lax.scan(step, (x,) + (x + 1.0,) * (chains - 1), None, length=steps)[0]
+    )
+
+
+def chunk_matmuls(batch, heads, dim, block, chunk, steps, reps, matmul_size) -> dict:
+    """Seconds per call of each per-chunk matmul of the XLA path, and their sum per token.
+
+    Each matmul runs inside a `lax.scan` of `steps` steps (dispatch amortised as in the
+    op) on an operand that changes every step; the same scan without the matmul is
+    timed too and subtracted. The sum bounds the op's time per token from below: the
+    useful FLOP/s it implies is the op's ceiling on this backend. The dense matmul
+    rate is measured again, interleaved, for the ratio; so is one scan step holding two
+    independent chains of the "inter" matmul against one (about x1 if XLA ran
+    independent matmuls on separate cores, x2 if one after the other).
+    """
+    shapes = chunk_matmul_shapes(batch * heads, dim, dim, block, chunk)
+    jobs = {}
+    for name, (lhs_shape, rhs_shape) in shapes.items():
+        lhs = jnp.full(lhs_shape, 0.01, jnp.float32)
+        rhs = jnp.full(rhs_shape, 0.01, jnp.float32)
+        jobs[name] = (_matmul_scan(rhs, steps, True), _matmul_scan(rhs, steps, False), lhs)
+        jax.block_until_ready((jobs[name][0](lhs), jobs[name][1](lhs)))
+    # Can XLA:CPU overlap independent matmuls? Two independent chains of the largest one.
+    lhs_shape, rhs_shape = shapes["inter"]
+    inter_rhs = jnp.full(rhs_shape, 0.01, jnp.float32)
+    inter_lhs = jnp.full(lhs_shape, 0.01, jnp.float32)
+    one, two = (_matmul_scan(inter_rhs, steps, True, chains) for chains in (1, 2))
+    jax.block_until_ready((one(inter_lhs), two(inter_lhs)))
+    square = jnp.ones((matmul_size, matmul_size), jnp.float32)
+    dense = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(dense(square))
+    samples = {name: ([], []) for name in jobs}
+    rates, chain_times = [], ([], [])
+    for _ in range(reps):
+        rates += [2.0 * matmul_size**3 / _time_once(dense, (square,)) / 1e9 for _ in range(3)]
+        chain_times[0].append(_time_once(one, (inter_lhs,)))
+        chain_times[1].append(_time_once(two, (inter_lhs,)))
+        for name, (fn, base, lhs) in jobs.items():
+            samples[name][0].append(_time_once(fn, (lhs,)) / steps)
+            samples[name][1].append(_time_once(base, (lhs,)) / steps)
+    rows = []
+    for name, (lhs_shape, rhs_shape) in shapes.items():
+        net = statistics.median(samples[name][0]) - statistics.median(samples[name][1])
+        flops = 2.0 * math.prod(lhs_shape) * rhs_shape[-1]
+        rows.append(
+            dict(name=name, lhs=list(lhs_shape), rhs=list(rhs_shape), seconds=net, flops=flops)
+        )
+    total = sum(r["seconds"] for r in rows)
+    return dict(
+        block=block,
+        chunk=chunk,
+        rows=rows,
+        us_per_token=total / chunk * 1e6,
+        gflops=useful_flops(chunk, batch, heads, dim, dim) / total / 1e9,
+        matmul_gflops=statistics.median(rates),
+        two_chains_vs_one=statistics.median(chain_times[1]) / statistics.median(chain_times[0]),
+    )
+
+
 def add_roofline(result: dict, peak_tflops: float | None, peak_gbps: float | None) -> None:
     """Fraction of the roofline per row: max(FLOPs/peak, bytes/bandwidth) / time."""
     result["peak_tflops"], result["peak_gbps"] = peak_tflops, peak_gbps
@@ -257,6 +345,22 @@ def report(result: dict) -> list[str]:
                 and by_seq[n]["fwd_bwd_s"] < by_impl["cudnn"][n]["fwd_bwd_s"]
             ]
             lines.append(f"[{impl}] fwd+bwd faster than cuDNN at seq {wins} (target: from 2K up)")
+        ceiling = result.get("xla_chunk_matmuls")
+        if impl == "xla" and ceiling:
+            mm_c = ceiling["matmul_gflops"]
+            per_token = useful_flops(1, *result["shape"])
+            with_output = per_token / (
+                (ceiling["us_per_token"] + last["fresh_output_us_per_token"]) * 1e-6
+            )
+            lines.append(
+                f"[xla] its per-chunk matmuls alone (block {ceiling['block']}, chunk "
+                f"{ceiling['chunk']}): {ceiling['us_per_token']:.3f} us/token = "
+                f"{ceiling['gflops'] / mm_c:.1%} of the dense matmul timed alongside "
+                f"({mm_c:.1f} GFLOP/s); with a fresh output of seq {hi} as well: "
+                f"{with_output / 1e9 / mm_c:.1%} (the op's ceiling if nothing else took time); "
+                f"two independent chains of the inter matmul in one scan take "
+                f"x{ceiling['two_chains_vs_one']:.2f} the time of one (x1.0 would mean a 2nd core)"
+            )
         big = [r["fwd_bwd_roofline"] for n, r in by_seq.items() if n >= 8192]
         if big and big[0] is not None:
             lines.append(
@@ -351,6 +455,18 @@ def main(argv):
         FLAGS.reps,
         FLAGS.matmul_size,
     )
+    result["shape"] = [FLAGS.batch, FLAGS.heads, FLAGS.dim, FLAGS.dim]
+    if FLAGS.ceiling and "xla" in impls:
+        result["xla_chunk_matmuls"] = chunk_matmuls(
+            FLAGS.batch,
+            FLAGS.heads,
+            FLAGS.dim,
+            FLAGS.ceiling_block,
+            FLAGS.ceiling_chunk,
+            FLAGS.ceiling_steps,
+            FLAGS.reps,
+            FLAGS.matmul_size,
+        )
     add_roofline(result, *_peaks(result["matmul_gflops"]))
     result["config"] = dict(
         batch=FLAGS.batch,

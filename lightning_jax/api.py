@@ -11,36 +11,52 @@ from lightning_jax._checks import check_inputs, compute_dtype
 from lightning_jax.xla import lightning_attention_xla
 
 
-def _xla(q, k, v, slopes, initial_state, block_size, interpret):
+def _xla(q, k, v, slopes, initial_state, block_size, interpret, precision):
     del interpret  # plain XLA: runs on every backend
-    return lightning_attention_xla(q, k, v, slopes, initial_state, block_size=block_size)
+    return lightning_attention_xla(
+        q, k, v, slopes, initial_state, block_size=block_size, precision=precision
+    )
 
 
-def _reference(q, k, v, slopes, initial_state, block_size, interpret):
-    del block_size, interpret  # the reference has no tiling
+def _reference(q, k, v, slopes, initial_state, block_size, interpret, precision):
+    del block_size, interpret, precision  # the reference has no tiling and is always exact
     return reference.naive_attention(
         q, k, v, slopes, initial_state=initial_state, return_final_state=True
     )
 
 
-def _triton(q, k, v, slopes, initial_state, block_size, interpret):
+def _triton(q, k, v, slopes, initial_state, block_size, interpret, precision):
     from pallas_kernels.triton import lightning_attention_triton
 
     return lightning_attention_triton(
-        q, k, v, slopes, initial_state, block_size=block_size, interpret=interpret
+        q,
+        k,
+        v,
+        slopes,
+        initial_state,
+        block_size=block_size,
+        interpret=interpret,
+        precision=precision,
     )
 
 
-def _mosaic_tpu(q, k, v, slopes, initial_state, block_size, interpret):
+def _mosaic_tpu(q, k, v, slopes, initial_state, block_size, interpret, precision):
     from pallas_kernels.mosaic_tpu import lightning_attention_mosaic_tpu
 
     return lightning_attention_mosaic_tpu(
-        q, k, v, slopes, initial_state, block_size=block_size, interpret=interpret
+        q,
+        k,
+        v,
+        slopes,
+        initial_state,
+        block_size=block_size,
+        interpret=interpret,
+        precision=precision,
     )
 
 
-# name -> fn(q, k, v, slopes [H] f32, initial_state [B, H, d, e], block_size, interpret)
-#         -> (o, final_state)
+# name -> fn(q, k, v, slopes [H] f32, initial_state [B, H, d, e], block_size, interpret,
+#            precision) -> (o, final_state)
 _IMPLS: dict[str, Callable] = {
     "xla": _xla,
     "reference": _reference,
@@ -48,6 +64,8 @@ _IMPLS: dict[str, Callable] = {
     "mosaic_tpu": _mosaic_tpu,
 }
 _PALLAS_IMPLS = ("triton", "mosaic_tpu")
+# Matmul precision for float32 inputs (see `lightning_attention`).
+PRECISIONS = ("default", "highest")
 # The best implementation per backend; anything else (CPU) takes the XLA path.
 _AUTO = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "mosaic_tpu"}
 
@@ -76,6 +94,7 @@ def lightning_attention(
     impl: str = "auto",
     block_size: int | None = None,
     interpret: bool | None = None,
+    precision: str = "default",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Causal linear attention with a per-head exponential decay (Lightning Attention-2).
 
@@ -109,6 +128,12 @@ def lightning_attention(
         interpreter. None: exactly when the default backend is CPU, so every
         kernel runs anywhere; False forces the real kernel (what lowering for
         another platform needs). Ignored by "xla" and "reference".
+      precision: the matmul precision for float32 inputs. "default": the
+        backend's fast float32 matmul (TF32 tensor cores on NVIDIA GPUs, the
+        MXU's default bf16 passes on TPU; exact float32 on CPU). "highest":
+        exact float32 matmuls everywhere (slower on GPU and TPU). bfloat16 and
+        float16 inputs always multiply in their own type with float32
+        accumulation. "reference" is always exact.
 
     Returns:
       o `[B, H, T, E]` in q's dtype (accumulated in float32); with
@@ -117,7 +142,8 @@ def lightning_attention(
 
     Raises:
       ValueError: a wrong rank or shape (naming the argument and shapes), an
-        unknown `impl`, a non-positive `block_size`, negative slopes.
+        unknown `impl` or `precision`, a non-positive `block_size`, negative
+        slopes.
       TypeError: a non-floating dtype, or float64 inputs to a Pallas kernel.
     """
     slopes = check_inputs(q, k, v, slopes, initial_state)
@@ -129,6 +155,8 @@ def lightning_attention(
         raise ValueError(f"block_size must be None or a positive int, got {block_size!r}")
     if interpret is not None and not isinstance(interpret, bool):
         raise TypeError(f"interpret must be None or a bool, got {interpret!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     name = _resolve_impl(impl)
     if name in _PALLAS_IMPLS:
         for arg_name, x in (("q", q), ("k", k), ("v", v)):
@@ -148,6 +176,6 @@ def lightning_attention(
         s0 = jax.numpy.zeros_like(q, shape=(batch, heads, d, e), dtype=dtype)
     else:
         s0 = initial_state.astype(dtype)
-    o, state = fn(q, k, v, slopes, s0, block_size, interpret)
+    o, state = fn(q, k, v, slopes, s0, block_size, interpret, precision)
     state = state.astype(jax.numpy.float32)
     return (o, state) if return_final_state else o

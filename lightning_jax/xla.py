@@ -26,13 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-HIGHEST = lax.Precision.HIGHEST
+# `precision` argument -> lax precision of every matmul (DEFAULT is exact on CPU,
+# TF32 on NVIDIA GPUs, bf16 passes on TPU).
+MATMUL_PRECISION = {"default": lax.Precision.DEFAULT, "highest": lax.Precision.HIGHEST}
 DEFAULT_BLOCK = 32
 DEFAULT_CHUNK = 256
 
 
-def _einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.einsum(spec, a, b, precision=HIGHEST, preferred_element_type=a.dtype)
+def _einsum(spec: str, a: jax.Array, b: jax.Array, precision: lax.Precision) -> jax.Array:
+    return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=a.dtype)
 
 
 class _Decays(NamedTuple):
@@ -84,9 +86,13 @@ def _decays(slopes: jax.Array, block: int, blocks: int, valid: int, dtype) -> _D
 
 
 def _prefix(matrix: jax.Array, states: jax.Array) -> jax.Array:
-    """[G, m, n] decay matrix times [G, n, d, e] states -> [G, m, d, e]."""
+    """[G, m, n] decay matrix times [G, n, d, e] states -> [G, m, d, e].
+
+    Always exact: these are float32 states, which a fast (TF32 / bf16) matmul
+    would round.
+    """
     g, n, d, e = states.shape
-    out = jnp.matmul(matrix, states.reshape(g, n, d * e), precision=HIGHEST)
+    out = jnp.matmul(matrix, states.reshape(g, n, d * e), precision=lax.Precision.HIGHEST)
     return out.reshape(g, -1, d, e)
 
 
@@ -105,50 +111,50 @@ def _transposed(*xs: jax.Array):
     return lax.optimization_barrier(tuple(_t(x) for x in xs))
 
 
-def _block_states(k_t, v, kv, dec: _Decays):
+def _block_states(k_t, v, kv, dec: _Decays, precision: lax.Precision):
     """State at every block start of a chunk, and after its last block.
 
     k_t: [G, nb, d, C] keys, transposed; v: [G, nb, C, e]; kv: [G, d, e] state
     before the chunk. Returns starts [G, nb+1, d, e].
     """
-    increments = _einsum("gndc,gnce->gnde", k_t, v * dec.k[..., None])
+    increments = _einsum("gndc,gnce->gnde", k_t, v * dec.k[..., None], precision)
     return _prefix(dec.prefix, increments) + dec.carry[..., None, None] * kv[:, None]
 
 
-def _chunk_forward(q, k, v, kv, dec: _Decays):
+def _chunk_forward(q, k, v, kv, dec: _Decays, precision: lax.Precision):
     """Output rows [G, nb, C, e] of one chunk and the state after it."""
     (k_t,) = _transposed(k)
-    scores = _einsum("gncd,gndk->gnck", q, k_t) * dec.mask[:, None]
-    o = _einsum("gnck,gnke->gnce", scores, v)
-    starts = _block_states(k_t, v, kv, dec)
-    o = o + _einsum("gncd,gnde->gnce", q, starts[:, :-1]) * dec.q[:, None, :, None]
+    scores = _einsum("gncd,gndk->gnck", q, k_t, precision) * dec.mask[:, None]
+    o = _einsum("gnck,gnke->gnce", scores, v, precision)
+    starts = _block_states(k_t, v, kv, dec, precision)
+    o = o + _einsum("gncd,gnde->gnce", q, starts[:, :-1], precision) * dec.q[:, None, :, None]
     return o, starts[:, -1]
 
 
-def _chunk_backward(q, k, v, do, kv, dkv_end, dec: _Decays):
+def _chunk_backward(q, k, v, do, kv, dkv_end, dec: _Decays, precision: lax.Precision):
     """Gradients of one chunk (Algorithm 2) given dL/d(state after the chunk).
 
     Returns dq, dk, dv (blocked like the inputs) and dL/d(state before the chunk).
     """
     q_t, k_t, do_t = _transposed(q, k, do)
-    starts = _block_states(k_t, v, kv, dec)
+    starts = _block_states(k_t, v, kv, dec, precision)
     # dL/d(start state of block c) from the outputs of block c, and from the chunk end.
-    grads = _einsum("gndc,gnce->gnde", q_t, do * dec.q[:, None, :, None])
+    grads = _einsum("gndc,gnce->gnde", q_t, do * dec.q[:, None, :, None], precision)
     grads = jnp.concatenate([grads, dkv_end[:, None]], axis=1)  # [G, nb+1, d, e]
     # dL/d(state increment of block c'): the transposed prefix sweep (dKV in reverse).
     d_increments = _prefix(dec.suffix, grads)
     dkv_start = _prefix(dec.carry[:, None, :], grads)[:, 0]
 
     mask_t = _t(dec.mask)[:, None]
-    dscores_t = _einsum("gnke,gnec->gnkc", v, do_t) * mask_t  # [.., key, query]
-    scores_t = _einsum("gnkd,gndc->gnkc", k, q_t) * mask_t
+    dscores_t = _einsum("gnke,gnec->gnkc", v, do_t, precision) * mask_t  # [.., key, query]
+    scores_t = _einsum("gnkd,gndc->gnkc", k, q_t, precision) * mask_t
     dscores, starts_t, d_increments_t = _transposed(dscores_t, starts[:, :-1], d_increments)
-    dq = _einsum("gnck,gnkd->gncd", dscores, k)
-    dq = dq + _einsum("gnce,gned->gncd", do, starts_t) * dec.q[:, None, :, None]
-    dk = _einsum("gnkc,gncd->gnkd", dscores_t, q)
-    dk = dk + _einsum("gnce,gned->gncd", v, d_increments_t) * dec.k[..., None]
-    dv = _einsum("gnkc,gnce->gnke", scores_t, do)
-    dv = dv + _einsum("gncd,gnde->gnce", k * dec.k[..., None], d_increments)
+    dq = _einsum("gnck,gnkd->gncd", dscores, k, precision)
+    dq = dq + _einsum("gnce,gned->gncd", do, starts_t, precision) * dec.q[:, None, :, None]
+    dk = _einsum("gnkc,gncd->gnkd", dscores_t, q, precision)
+    dk = dk + _einsum("gnce,gned->gncd", v, d_increments_t, precision) * dec.k[..., None]
+    dv = _einsum("gnkc,gnce->gnke", scores_t, do, precision)
+    dv = dv + _einsum("gncd,gnde->gnce", k * dec.k[..., None], d_increments, precision)
     return dq, dk, dv, dkv_start
 
 
@@ -157,16 +163,17 @@ class _Plan(NamedTuple):
 
     block: int
     chunk: int
+    precision: lax.Precision  # of the input matmuls
     full: int  # number of full chunks
     tail: int  # real rows after the full chunks (0 if none)
     tail_padded: int  # tail rounded up to a multiple of block
 
 
-def _plan(seq: int, block: int, chunk: int) -> _Plan:
+def _plan(seq: int, block: int, chunk: int, precision: str) -> _Plan:
     block = min(block, seq)
     chunk = max(block, chunk // block * block)
     full, tail = divmod(seq, chunk)
-    return _Plan(block, chunk, full, tail, -(-tail // block) * block)
+    return _Plan(block, chunk, MATMUL_PRECISION[precision], full, tail, -(-tail // block) * block)
 
 
 def _read(x: jax.Array, start, rows: int, padded: int, plan: _Plan, dtype) -> jax.Array:
@@ -196,7 +203,7 @@ def _forward(q, k, v, slopes, s0, plan: _Plan):
             kv, o = carry
             start = i * plan.chunk
             qkv = (_read(x, start, plan.chunk, plan.chunk, plan, dtype) for x in (q, k, v))
-            o_chunk, kv_next = _chunk_forward(*qkv, kv, dec)
+            o_chunk, kv_next = _chunk_forward(*qkv, kv, dec, plan.precision)
             return (kv_next, _write(o, start, plan.chunk, o_chunk)), kv
 
         (kv, o), chunk_starts = lax.scan(step, (kv, o), jnp.arange(plan.full))
@@ -205,7 +212,7 @@ def _forward(q, k, v, slopes, s0, plan: _Plan):
         start = plan.full * plan.chunk
         dec = _decays(slopes, plan.block, plan.tail_padded // plan.block, plan.tail, dtype)
         qkv = (_read(x, start, plan.tail, plan.tail_padded, plan, dtype) for x in (q, k, v))
-        o_chunk, kv = _chunk_forward(*qkv, kv, dec)
+        o_chunk, kv = _chunk_forward(*qkv, kv, dec, plan.precision)
         o = _write(o, start, plan.tail, o_chunk)
     return o, kv, (chunk_starts, tail_start)
 
@@ -218,7 +225,7 @@ def _backward(q, k, v, slopes, do, dkv, starts, plan: _Plan):
 
     def chunk_grads(grads, dkv, kv, start, rows, padded, dec):
         blocked = (_read(x, start, rows, padded, plan, dtype) for x in (q, k, v, do))
-        *chunk, dkv = _chunk_backward(*blocked, kv, dkv, dec)
+        *chunk, dkv = _chunk_backward(*blocked, kv, dkv, dec, plan.precision)
         return tuple(_write(g, start, rows, c) for g, c in zip(grads, chunk)), dkv
 
     if plan.tail:
@@ -239,23 +246,23 @@ def _backward(q, k, v, slopes, do, dkv, starts, plan: _Plan):
     return (*grads, dkv)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _lightning(q, k, v, slopes, s0, block, chunk):
-    plan = _plan(q.shape[1], block, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _lightning(q, k, v, slopes, s0, block, chunk, precision):
+    plan = _plan(q.shape[1], block, chunk, precision)
     o, kv, _ = _forward(q, k, v, slopes, s0, plan)
     return o, kv
 
 
-def _lightning_fwd(q, k, v, slopes, s0, block, chunk):
-    plan = _plan(q.shape[1], block, chunk)
+def _lightning_fwd(q, k, v, slopes, s0, block, chunk, precision):
+    plan = _plan(q.shape[1], block, chunk, precision)
     o, kv, starts = _forward(q, k, v, slopes, s0, plan)
     return (o, kv), (q, k, v, slopes, starts)
 
 
-def _lightning_bwd(block, chunk, res, cotangents):
+def _lightning_bwd(block, chunk, precision, res, cotangents):
     q, k, v, slopes, starts = res
     do, dkv = cotangents
-    plan = _plan(q.shape[1], block, chunk)
+    plan = _plan(q.shape[1], block, chunk, precision)
     dq, dk, dv, ds0 = _backward(q, k, v, slopes, do, dkv, starts, plan)
     # Slopes are constants of the operator (as in the paper): no gradient flows to them.
     return dq, dk, dv, jnp.zeros_like(slopes), ds0
@@ -264,7 +271,7 @@ def _lightning_bwd(block, chunk, res, cotangents):
 _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=("block_size", "chunk_size", "precision"))
 def lightning_attention_xla(
     q: jax.Array,
     k: jax.Array,
@@ -274,6 +281,7 @@ def lightning_attention_xla(
     *,
     block_size: int | None = None,
     chunk_size: int | None = None,
+    precision: str = "default",
 ) -> tuple[jax.Array, jax.Array]:
     """Chunked XLA path on checked inputs; returns (o, final_state).
 
@@ -282,6 +290,8 @@ def lightning_attention_xla(
       initial_state: `[B, H, D, E]` in the compute dtype (float32, or float64).
       block_size: rows per block of the masked intra-block product.
       chunk_size: rows per scan step (rounded down to a multiple of the block).
+      precision: "default" or "highest", the precision of the matmuls on the
+        inputs (float32 states are always combined exactly).
     """
     block = DEFAULT_BLOCK if block_size is None else block_size
     chunk = DEFAULT_CHUNK if chunk_size is None else chunk_size
@@ -298,5 +308,6 @@ def lightning_attention_xla(
         initial_state.reshape(groups, d, e),
         block,
         chunk,
+        precision,
     )
     return o.reshape(batch, heads, seq, e), state.reshape(batch, heads, d, e)

@@ -5,12 +5,18 @@ sequence in order: the masked intra-block product, the inter-block product with
 the carried state, and the state update, the state living in float32 registers;
 no per-block state is written to HBM.
 
-Backward (Algorithm 2), two kernels, both recomputing states rather than
-storing them:
+Backward (Algorithm 2), three kernels, all recomputing states rather than
+storing them, each writing its gradient once in the input dtype:
   - dQ: one program per ((batch, head), d-tile) sweeps forward, rebuilding the
-    d-tile of KV as it goes;
-  - dK, dV: one program per ((batch, head), e-tile) sweeps backward carrying
-    dKV; each e-tile contributes a partial dK that the wrapper sums.
+    d-tile of KV's rows as it goes;
+  - dK (and the initial state's gradient): one program per ((batch, head),
+    d-tile) sweeps backward carrying the d-tile of dKV's rows;
+  - dV: one program per ((batch, head), e-tile) sweeps backward carrying the
+    e-tile of dKV's columns.
+Splitting dK from dV keeps each kernel's live tiles within the register file
+(the fused dK/dV kernel spilled) and avoids float32 partial sums of dK.
+
+float32 inputs multiply on TF32 tensor cores unless precision="highest".
 
 Block conventions (DESIGN.md section 2), block c with L real rows (L = block
 except in a padded last block): q row i decays by lambda^(i+1), key row j by
@@ -34,12 +40,23 @@ MIN_DIM = 16  # tl.dot needs every matmul dimension >= 16
 TILE = 64  # d / e tile of the state kept in registers
 
 
-def _dot(a: jax.Array, b: jax.Array, trans_a: bool = False, trans_b: bool = False) -> jax.Array:
-    """a @ b with float32 accumulation; full float32 precision for float32 operands."""
+def _state_tile(width: int, other: int) -> int:
+    """Columns of the state tile a program keeps, tiling `width` (the other dim whole).
+
+    A [other, 64] float32 tile plus [block, other] operands fits the register
+    file up to other = 128; at 256 the forward and dV kernels spill, less with
+    the tile halved (measured with experiments/compile_report.py for H200).
+    """
+    return min(width, TILE if other <= 128 else TILE // 2)
+
+
+def _dot(
+    a: jax.Array, b: jax.Array, precision, trans_a: bool = False, trans_b: bool = False
+) -> jax.Array:
+    """a @ b with float32 accumulation at `precision` (None: TF32 for float32 operands)."""
     if a.dtype != b.dtype:
         a, b = a.astype(jnp.float32), b.astype(jnp.float32)
     dims = (((0,) if trans_a else (1,), (1,) if trans_b else (0,)), ((), ()))
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
@@ -55,165 +72,248 @@ def _block_decays(slope, start, block: int, seq_len: int):
     return q_dec, k_dec, mask, state_dec
 
 
-def _forward_kernel(slopes_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, state_ref, *, block, seq_len):
+def _forward_kernel(
+    slopes_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, state_ref, *, block, seq_len, precision
+):
     slope = slopes_ref[0]
     in_dtype = q_ref.dtype
+    dot = functools.partial(_dot, precision=precision)
 
     def body(c, kv):
         rows = pl.ds(c * block, block)
         q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
         q_dec, k_dec, mask, state_dec = _block_decays(slope, c * block, block, seq_len)
-        scores = _dot(q, k, trans_b=True) * mask
-        o = _dot(scores.astype(in_dtype), v)
-        o += q_dec[:, None] * _dot(q, kv.astype(in_dtype))
+        scores = dot(q, k, trans_b=True) * mask
+        o = dot(scores.astype(in_dtype), v)
+        o += q_dec[:, None] * dot(q, kv.astype(in_dtype))
         o_ref[rows, :] = o.astype(o_ref.dtype)
         k_scaled = (k.astype(jnp.float32) * k_dec[:, None]).astype(in_dtype)
-        return state_dec * kv + _dot(k_scaled, v, trans_a=True)
+        return state_dec * kv + dot(k_scaled, v, trans_a=True)
 
     kv = lax.fori_loop(0, q_ref.shape[0] // block, body, s0_ref[...])
     state_ref[...] = kv
 
 
-def _dq_kernel(slopes_ref, k_ref, v_ref, do_ref, s0_ref, dq_ref, *, block, seq_len):
+def _dq_kernel(slopes_ref, k_ref, v_ref, do_ref, s0_ref, dq_ref, *, block, seq_len, precision):
     """dQ for one d-tile: dQ = ((dO V^T) * M) K + lambda^(i+1) dO KV^T, KV swept forward."""
     slope = slopes_ref[0]
     in_dtype = k_ref.dtype
+    dot = functools.partial(_dot, precision=precision)
 
     def body(c, kv):
         rows = pl.ds(c * block, block)
         k, v, do = k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
         q_dec, k_dec, mask, state_dec = _block_decays(slope, c * block, block, seq_len)
-        dscores = _dot(do, v, trans_b=True) * mask
-        dq = _dot(dscores.astype(in_dtype), k)
-        dq += q_dec[:, None] * _dot(do, kv.astype(in_dtype), trans_b=True)
+        dscores = dot(do, v, trans_b=True) * mask
+        dq = dot(dscores.astype(in_dtype), k)
+        dq += q_dec[:, None] * dot(do, kv.astype(in_dtype), trans_b=True)
         dq_ref[rows, :] = dq.astype(dq_ref.dtype)
         k_scaled = (k.astype(jnp.float32) * k_dec[:, None]).astype(in_dtype)
-        return state_dec * kv + _dot(k_scaled, v, trans_a=True)
+        return state_dec * kv + dot(k_scaled, v, trans_a=True)
 
     lax.fori_loop(0, k_ref.shape[0] // block, body, s0_ref[...])
 
 
-def _dkdv_kernel(
-    slopes_ref, q_ref, k_ref, v_ref, do_ref, dstate_ref, dk_ref, dv_ref, ds0_ref, *, block, seq_len
+def _dk_kernel(
+    slopes_ref, q_ref, v_ref, do_ref, dstate_ref, dk_ref, ds0_ref, *, block, seq_len, precision
 ):
-    """dK (partial over this e-tile) and dV for one e-tile, dKV swept backward."""
+    """dK and dS0 for one d-tile, rows dKV[d-tile, :] swept backward.
+
+    dK = ((dO V^T) * M)^T Q + lambda^(B-1-j) V dKV^T; the d-tile of dK needs
+    only the d-tile of Q and of dKV's rows, so dK is written once, in its dtype.
+    """
     slope = slopes_ref[0]
     in_dtype = q_ref.dtype
     num_blocks = q_ref.shape[0] // block
+    dot = functools.partial(_dot, precision=precision)
 
     def body(step, dkv):
         c = num_blocks - 1 - step
         rows = pl.ds(c * block, block)
-        q, k, v, do = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
+        q, v, do = q_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
         q_dec, k_dec, mask, state_dec = _block_decays(slope, c * block, block, seq_len)
-        scores = _dot(q, k, trans_b=True) * mask  # [query, key]
-        dscores = _dot(do, v, trans_b=True) * mask
-        k_scaled = (k.astype(jnp.float32) * k_dec[:, None]).astype(in_dtype)
-        dkv_in = dkv.astype(in_dtype)
-        dv = _dot(scores.astype(in_dtype), do, trans_a=True) + _dot(k_scaled, dkv_in)
-        dk = _dot(dscores.astype(in_dtype), q, trans_a=True)
-        dk += k_dec[:, None] * _dot(v, dkv_in, trans_b=True)
+        dscores = dot(do, v, trans_b=True) * mask  # [query, key]
+        dk = dot(dscores.astype(in_dtype), q, trans_a=True)
+        dk += k_dec[:, None] * dot(v, dkv.astype(in_dtype), trans_b=True)
         dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
         q_scaled = (q.astype(jnp.float32) * q_dec[:, None]).astype(in_dtype)
-        return state_dec * dkv + _dot(q_scaled, do, trans_a=True)
+        return state_dec * dkv + dot(q_scaled, do, trans_a=True)
 
     ds0_ref[...] = lax.fori_loop(0, num_blocks, body, dstate_ref[...])
+
+
+def _dv_kernel(slopes_ref, q_ref, k_ref, do_ref, dstate_ref, dv_ref, *, block, seq_len, precision):
+    """dV for one e-tile, columns dKV[:, e-tile] swept backward.
+
+    dV = ((Q K^T) * M)^T dO + lambda^(B-1-j) K dKV.
+    """
+    slope = slopes_ref[0]
+    in_dtype = q_ref.dtype
+    num_blocks = q_ref.shape[0] // block
+    dot = functools.partial(_dot, precision=precision)
+
+    def body(step, dkv):
+        c = num_blocks - 1 - step
+        rows = pl.ds(c * block, block)
+        q, k, do = q_ref[rows, :], k_ref[rows, :], do_ref[rows, :]
+        q_dec, k_dec, mask, state_dec = _block_decays(slope, c * block, block, seq_len)
+        scores = dot(q, k, trans_b=True) * mask  # [query, key]
+        k_scaled = (k.astype(jnp.float32) * k_dec[:, None]).astype(in_dtype)
+        dv = dot(scores.astype(in_dtype), do, trans_a=True) + dot(k_scaled, dkv.astype(in_dtype))
+        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+        q_scaled = (q.astype(jnp.float32) * q_dec[:, None]).astype(in_dtype)
+        return state_dec * dkv + dot(q_scaled, do, trans_a=True)
+
+    lax.fori_loop(0, num_blocks, body, dstate_ref[...])
 
 
 def _compiler_params(width: int):
     return plgpu.CompilerParams(num_warps=4 if width <= 64 else 8, num_stages=2)
 
 
-def _seq_spec(cols: int, tiled: bool):
-    """All rows of one (batch, head); columns either whole or the program's tile."""
-    if tiled:
-        return pl.BlockSpec((None, None, cols), lambda g, t: (g, 0, t))
-    return pl.BlockSpec((None, None, cols), lambda g, t: (g, 0, 0))
+def _rows_spec(rows: int, cols: int, tile: bool = False) -> pl.BlockSpec:
+    """All rows of one (batch, head); the columns whole, or the program's tile."""
+    return pl.BlockSpec((None, rows, cols), lambda g, t: (g, 0, t if tile else 0))
 
 
-def _forward(q, k, v, slopes, s0, block, seq_len, interpret):
+def _state_spec(rows: int, cols: int, row_tile: bool) -> pl.BlockSpec:
+    """A [rows, cols] tile of one (batch, head)'s state: tiled over d rows or e columns."""
+    if row_tile:
+        return pl.BlockSpec((None, rows, cols), lambda g, t: (g, t, 0))
+    return pl.BlockSpec((None, rows, cols), lambda g, t: (g, 0, t))
+
+
+def _slope_spec() -> pl.BlockSpec:
+    return pl.BlockSpec((1,), lambda g, t: (g,))
+
+
+def _cost(
+    programs: int, rows: int, block: int, full: int, tile: int, row_widths: int, itemsize: int
+) -> pl.CostEstimate:
+    """XLA's cost estimate of one kernel over all its programs.
+
+    Every kernel has the same shape of work per block: a [block, block] product
+    over the full width `full`, a [block, block] x [block, tile] product, and two
+    state matmuls of block x full x tile (inter product and state update).
+    row_widths: how many rows of width full or tile it reads or writes, in
+    elements per row (e.g. q and k of width d plus v and o of width te).
+    Transcendentals: the exp of the q and k decays, the mask, the state decay.
+    """
+    blocks = programs * (rows // block)
+    macs = block * block * (full + tile) + 2 * block * full * tile
+    return pl.CostEstimate(
+        flops=2 * blocks * macs,
+        transcendentals=blocks * (block * block + 2 * block + 1),
+        bytes_accessed=programs * (rows * row_widths * itemsize + 2 * full * tile * 4),
+    )
+
+
+def _forward(q, k, v, slopes, s0, block, seq_len, interpret, precision):
     groups, rows, d = q.shape
     e = v.shape[-1]
-    te = min(e, TILE)
+    te = _state_tile(e, d)
+    programs = groups * (e // te)
     return pl.pallas_call(
-        functools.partial(_forward_kernel, block=block, seq_len=seq_len),
+        functools.partial(_forward_kernel, block=block, seq_len=seq_len, precision=precision),
         grid=(groups, e // te),
         in_specs=[
-            pl.BlockSpec((1,), lambda g, t: (g,)),
-            pl.BlockSpec((None, rows, d), lambda g, t: (g, 0, 0)),
-            pl.BlockSpec((None, rows, d), lambda g, t: (g, 0, 0)),
-            pl.BlockSpec((None, rows, te), lambda g, t: (g, 0, t)),
-            pl.BlockSpec((None, d, te), lambda g, t: (g, 0, t)),
+            _slope_spec(),
+            _rows_spec(rows, d),
+            _rows_spec(rows, d),
+            _rows_spec(rows, te, tile=True),
+            _state_spec(d, te, row_tile=False),
         ],
-        out_specs=[
-            pl.BlockSpec((None, rows, te), lambda g, t: (g, 0, t)),
-            pl.BlockSpec((None, d, te), lambda g, t: (g, 0, t)),
-        ],
+        out_specs=[_rows_spec(rows, te, tile=True), _state_spec(d, te, row_tile=False)],
         out_shape=[
             jax.ShapeDtypeStruct((groups, rows, e), q.dtype),
             jax.ShapeDtypeStruct((groups, d, e), jnp.float32),
         ],
         compiler_params=_compiler_params(max(d, te)),
         interpret=interpret,
+        cost_estimate=_cost(programs, rows, block, d, te, 2 * d + 2 * te, q.dtype.itemsize),
         name="lightning_forward",
     )(slopes, q, k, v, s0)
 
 
-def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret):
+def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precision):
+    """Three kernels, each writing its gradient once in the input dtype.
+
+    dQ and dK are tiled over d (their d-tile needs only the same d-tile of KV /
+    dKV rows), dV over e (its e-tile needs only dKV's e-tile columns), so no
+    kernel writes partial sums for XLA to add.
+    """
     groups, rows, d = q.shape
     e = v.shape[-1]
-    td, te = min(d, TILE), min(e, TILE)
+    # dQ and dK keep their d-tile at 64 even for e = 256: halving it spilled more.
+    td, te = min(d, TILE), _state_tile(e, d)
+    itemsize = q.dtype.itemsize
+    static = {"block": block, "seq_len": seq_len, "precision": precision}
+    d_programs, e_programs = groups * (d // td), groups * (e // te)
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, block=block, seq_len=seq_len),
+        functools.partial(_dq_kernel, **static),
         grid=(groups, d // td),
         in_specs=[
-            pl.BlockSpec((1,), lambda g, t: (g,)),
-            pl.BlockSpec((None, rows, td), lambda g, t: (g, 0, t)),
-            pl.BlockSpec((None, rows, e), lambda g, t: (g, 0, 0)),
-            pl.BlockSpec((None, rows, e), lambda g, t: (g, 0, 0)),
-            pl.BlockSpec((None, td, e), lambda g, t: (g, t, 0)),
+            _slope_spec(),
+            _rows_spec(rows, td, tile=True),
+            _rows_spec(rows, e),
+            _rows_spec(rows, e),
+            _state_spec(td, e, row_tile=True),
         ],
-        out_specs=pl.BlockSpec((None, rows, td), lambda g, t: (g, 0, t)),
+        out_specs=_rows_spec(rows, td, tile=True),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_compiler_params(max(td, e)),
         interpret=interpret,
+        cost_estimate=_cost(d_programs, rows, block, e, td, 2 * td + 2 * e, itemsize),
         name="lightning_dq",
     )(slopes, k, v, do, s0)
-    e_tiles = e // te
-    dk_partial, dv, ds0 = pl.pallas_call(
-        functools.partial(_dkdv_kernel, block=block, seq_len=seq_len),
-        grid=(groups, e_tiles),
+    dk, ds0 = pl.pallas_call(
+        functools.partial(_dk_kernel, **static),
+        grid=(groups, d // td),
         in_specs=[
-            pl.BlockSpec((1,), lambda g, t: (g,)),
-            pl.BlockSpec((None, rows, d), lambda g, t: (g, 0, 0)),
-            pl.BlockSpec((None, rows, d), lambda g, t: (g, 0, 0)),
-            pl.BlockSpec((None, rows, te), lambda g, t: (g, 0, t)),
-            pl.BlockSpec((None, rows, te), lambda g, t: (g, 0, t)),
-            pl.BlockSpec((None, d, te), lambda g, t: (g, 0, t)),
+            _slope_spec(),
+            _rows_spec(rows, td, tile=True),
+            _rows_spec(rows, e),
+            _rows_spec(rows, e),
+            _state_spec(td, e, row_tile=True),
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, rows, d), lambda g, t: (t, g, 0, 0)),
-            pl.BlockSpec((None, rows, te), lambda g, t: (g, 0, t)),
-            pl.BlockSpec((None, d, te), lambda g, t: (g, 0, t)),
-        ],
+        out_specs=[_rows_spec(rows, td, tile=True), _state_spec(td, e, row_tile=True)],
         out_shape=[
-            # dK in float32 when e is tiled: the tiles' partial sums are added here.
-            jax.ShapeDtypeStruct(
-                (e_tiles, groups, rows, d), k.dtype if e_tiles == 1 else jnp.float32
-            ),
-            jax.ShapeDtypeStruct(v.shape, v.dtype),
+            jax.ShapeDtypeStruct(k.shape, k.dtype),
             jax.ShapeDtypeStruct(s0.shape, jnp.float32),
         ],
+        compiler_params=_compiler_params(max(td, e)),
+        interpret=interpret,
+        cost_estimate=_cost(d_programs, rows, block, e, td, 2 * td + 2 * e, itemsize),
+        name="lightning_dk",
+    )(slopes, q, v, do, dstate)
+    dv = pl.pallas_call(
+        functools.partial(_dv_kernel, **static),
+        grid=(groups, e // te),
+        in_specs=[
+            _slope_spec(),
+            _rows_spec(rows, d),
+            _rows_spec(rows, d),
+            _rows_spec(rows, te, tile=True),
+            _state_spec(d, te, row_tile=False),
+        ],
+        out_specs=_rows_spec(rows, te, tile=True),
+        out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype),
         compiler_params=_compiler_params(max(d, te)),
         interpret=interpret,
-        name="lightning_dkdv",
-    )(slopes, q, k, v, do, dstate)
-    dk = dk_partial[0] if e_tiles == 1 else jnp.sum(dk_partial, axis=0).astype(k.dtype)
+        cost_estimate=_cost(e_programs, rows, block, d, te, 2 * d + 2 * te, itemsize),
+        name="lightning_dv",
+    )(slopes, q, k, do, dstate)
     return dq, dk, dv, ds0
 
 
-_lightning = kernel_op(_forward, _backward)
+# precision argument -> lax precision of the kernels' matmuls (None: TF32 for float32).
+_MATMUL_PRECISION = {"default": None, "highest": lax.Precision.HIGHEST}
+_LIGHTNING = {
+    name: kernel_op(
+        functools.partial(_forward, precision=p), functools.partial(_backward, precision=p)
+    )
+    for name, p in _MATMUL_PRECISION.items()
+}
 
 
 def _padded_dim(x: int) -> int:
@@ -221,7 +321,7 @@ def _padded_dim(x: int) -> int:
     return max(MIN_DIM, next_power_of_2(x))
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_size", "interpret", "precision"))
 def lightning_attention_triton(
     q: jax.Array,
     k: jax.Array,
@@ -231,6 +331,7 @@ def lightning_attention_triton(
     *,
     block_size: int | None = None,
     interpret: bool = False,
+    precision: str = "default",
 ) -> tuple[jax.Array, jax.Array]:
     """Pallas/Triton Lightning Attention-2 on checked inputs; returns (o, final_state).
 
@@ -241,6 +342,8 @@ def lightning_attention_triton(
       block_size: rows per block, a power of two >= 16 (default 64; smaller
         when T is short).
       interpret: run the kernels in the Pallas interpreter (any backend).
+      precision: float32 inputs only: "default" multiplies on TF32 tensor
+        cores, "highest" in exact float32 (no tensor cores).
 
     Returns:
       o `[B, H, T, E]` in q's dtype and the final state `[B, H, D, E]` float32.
@@ -257,5 +360,5 @@ def lightning_attention_triton(
     padded = flatten_and_pad(
         q, k, v, slopes, initial_state, round_up(n, block), _padded_dim(d), _padded_dim(e)
     )
-    o, state = _lightning(*padded, block, n, interpret)
+    o, state = _LIGHTNING[precision](*padded, block, n, interpret)
     return unpad(o, state, batch, heads, n, d, e)

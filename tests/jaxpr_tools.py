@@ -1,0 +1,27 @@
+"""Finding equations in jaxprs, for tests that check what a function traces to."""
+
+from __future__ import annotations
+
+import jax.extend
+
+
+def pallas_calls(jaxpr) -> list:
+    """Every pallas_call equation in a jaxpr, nested ones included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            found.append(eqn)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += pallas_calls(sub)
+    return found
+
+
+def dot_precisions(jaxpr) -> list:
+    """The precision of every dot_general in a jaxpr, nested ones included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn.params["precision"])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += dot_precisions(sub)
+    return found

@@ -1,0 +1,145 @@
+"""Real compiles of every kernel for GPUs and TPUs this machine does not have.
+
+Each compile runs the hardware's own compiler (libtpu's Mosaic compiler; XLA's
+GPU compiler with Triton / Mosaic GPU and ptxas) from a target description, in
+a subprocess (experiments/compile_report.py). A kernel that only lowers can
+still be rejected here: VMEM limits, shared memory, register allocation.
+
+Needs the `[aot]` extra; without it these tests are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+import compile_report
+import lightning_jax as lj
+
+pytestmark = pytest.mark.compile
+
+
+def _missing_gpu_compiler() -> str | None:
+    if importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
+        return 'the CUDA plugin is not installed (pip install -e ".[aot]")'
+    spec = importlib.util.find_spec("nvidia.cuda_nvcc")
+    if spec is None or not spec.submodule_search_locations:
+        return 'ptxas (nvidia-cuda-nvcc-cu12) is not installed (pip install -e ".[aot]")'
+    return None
+
+
+def _missing_tpu_compiler() -> str | None:
+    if importlib.util.find_spec("libtpu") is None:
+        return 'libtpu is not installed (pip install -e ".[aot]")'
+    return None
+
+
+SHAPES = [(2, 4, 4096, 128, 128), (2, 4, 4096, 64, 64), (1, 3, 1001, 100, 60)]
+TARGETS = ["h200", "v5e", "v6e"]
+DTYPES = ["bfloat16", "float32"]
+
+
+def _jobs() -> list[compile_report.Job]:
+    return compile_report.make_jobs(
+        TARGETS, [], DTYPES, SHAPES, list(compile_report.MODES), ["default"], True,
+        lj.available_impls(),
+    )  # fmt: skip
+
+
+JOBS = _jobs()
+
+
+def _job_id(job: compile_report.Job) -> str:
+    return f"{job.target}-{job.impl}-{job.mode}-{job.dtype}-{compile_report.shape_str(job.shape)}"
+
+
+@pytest.fixture(scope="module")
+def rows() -> dict[compile_report.Job, dict]:
+    """Every compile at once (two at a time: the compilers are single-threaded)."""
+    runnable = [j for j in JOBS if _skip_reason(j) is None]
+    return dict(zip(runnable, compile_report.run_jobs(runnable, timeout=900, parallel=2)))
+
+
+def _skip_reason(job: compile_report.Job) -> str | None:
+    return _missing_gpu_compiler() if job.platform == "gpu" else _missing_tpu_compiler()
+
+
+@pytest.mark.parametrize("job", JOBS, ids=_job_id)
+def test_compiles(job, rows):
+    if reason := _skip_reason(job):
+        pytest.skip(reason)
+    row = rows[job]
+    assert row["ok"], row["error"]
+    assert row["kernels"], "no kernel of ours in the compiled program"
+    if job.platform == "tpu":
+        for kernel in row["kernels"]:
+            assert kernel["vmem_bytes"] is not None and kernel["vmem_bytes"] > 0, kernel
+        return
+    # GPU: ptxas from the pip package, not a system CUDA toolkit.
+    assert row["ptxas"] and f"{os.sep}nvidia{os.sep}" in row["ptxas"], row["ptxas"]
+    for kernel in row["kernels"]:
+        assert kernel.get("registers"), kernel  # ptxas ran on it
+        # Tensor cores for bf16 and for float32 at the default (TF32) precision.
+        assert kernel.get("wgmma", 0) + kernel.get("mma", 0) > 0, kernel
+        if job.dtype == "bfloat16":
+            assert compile_report.spill_bytes(kernel) == 0, kernel
+
+
+def test_highest_precision_float32_has_no_tensor_core_matmul():
+    """precision="highest" really changes the GPU kernels (exact float32 FMAs)."""
+    if reason := _missing_gpu_compiler():
+        pytest.skip(reason)
+    job = compile_report.Job("h200", "triton", "fwd", "float32", (1, 2, 512, 64, 64), "highest")
+    (row,) = compile_report.run_jobs([job], timeout=900, parallel=1)
+    assert row["ok"], row["error"]
+    (kernel,) = row["kernels"]
+    assert kernel["wgmma"] + kernel["mma"] == 0, kernel
+
+
+def test_parsers_on_compiler_output():
+    """The report's parsers on text in the compilers' formats."""
+    ptxas = (
+        "ptxas info    : Function properties for lightning_dk\n"
+        "    0 bytes stack frame, 52 bytes spill stores, 48 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers, 1024 bytes smem\n"
+    )
+    assert compile_report.parse_ptxas(ptxas) == {
+        "lightning_dk": {
+            "stack_bytes": 0,
+            "spill_store_bytes": 52,
+            "spill_load_bytes": 48,
+            "registers": 255,
+            "static_smem_bytes": 1024,
+        }
+    }
+    thunks = (
+        "003: kCustomKernel [prev=002 (1) | sink        ] lightning_forward grid: [128, 2, 1] "
+        "threads: [256, 1, 1]  shared_memory: 81920 bytes\n"
+    )
+    assert compile_report.parse_thunks(thunks) == {
+        "lightning_forward": {"grid": [128, 2, 1], "threads": [256, 1, 1],
+                              "shared_memory_bytes": 81920}
+    }  # fmt: skip
+    ptx = (
+        ".visible .entry lightning_dq(\n wgmma.mma_async.sync.aligned.m64n64k16 ...\n"
+        " wgmma.mma_async.sync.aligned.m64n64k16 ...\n}\n"
+        ".visible .entry other(\n mma.sync.aligned.m16n8k16 ...\n}\n"
+    )
+    assert compile_report.ptx_tensor_cores(ptx) == {
+        "lightning_dq": {"wgmma": 2, "mma": 0},
+        "other": {"wgmma": 0, "mma": 1},
+    }
+    hlo = (
+        '%lightning_forward.1 = (bf16[16]) custom-call(%a), custom_call_target="tpu_custom_call", '
+        'metadata={op_name="jit(f)/jit(g)/lightning_forward/pallas_call"}, backend_config='
+        '{"used_scoped_memory_configs":[{"memory_space":"1","offset":"0","size":"458752"}]}\n'
+    )
+    assert compile_report.parse_tpu_vmem(hlo) == {"lightning_forward": {"vmem_bytes": 458752}}
+
+
+def test_unknown_target_is_refused():
+    with pytest.raises(ValueError, match="--targets: unknown target 'h300'"):
+        compile_report.make_jobs(["h300"], [], DTYPES, SHAPES[:1], ["fwd"], ["default"], False,
+                                 lj.available_impls())  # fmt: skip

@@ -104,13 +104,16 @@ def _decay(slope, exponent: jax.Array) -> jax.Array:
     return jnp.exp(-slope * exponent.astype(jnp.float32))
 
 
-def _fill_head_tables(slope, mask_ref, q_dec_ref) -> None:
-    """The head's sub-block mask [sub, sub] and q decay column [sub, 1], into scratch."""
+def _fill_head_tables(slope, mask_ref, q_dec_ref, k_dec_ref, state_dec_ref) -> None:
+    """The head's decays for a full sub-block, into scratch: the mask [sub, sub], the q
+    decay column [sub, 1] (lambda^(i+1)), the k decay column [sub, 1] (lambda^(sub-1-j))
+    and the state decay [1, 1] (lambda^sub)."""
     sub = mask_ref.shape[0]
     row = lax.broadcasted_iota(jnp.int32, (sub, sub), 0)
     col = lax.broadcasted_iota(jnp.int32, (sub, sub), 1)
     mask_ref[...] = jnp.where(row >= col, _decay(slope, jnp.maximum(row - col, 0)), 0.0)
     q_dec_ref[...] = _decay(slope, lax.broadcasted_iota(jnp.int32, (sub, 1), 0) + 1)
+    k_dec_ref[...], state_dec_ref[...] = _length_decays(slope, sub, sub)
 
 
 def _length_decays(slope, length, sub: int):
@@ -119,6 +122,20 @@ def _length_decays(slope, length, sub: int):
     k_dec = _decay(slope, jnp.maximum(length - 1 - k_rows, 0))
     state_dec = _decay(slope, jnp.full((1, 1), length, jnp.int32))
     return k_dec, state_dec
+
+
+def _sub_block_decays(slope, length, k_dec_ref, state_dec_ref, ragged: bool):
+    """k and state decays of a sub-block with `length` real rows: the head's tables when
+    it is full, else computed for its length (sub + 1 exps). Without padding (`ragged`
+    False, the usual case) every sub-block is full: no branch, no exp."""
+    sub = k_dec_ref.shape[0]
+    if not ragged:
+        return k_dec_ref[...], state_dec_ref[...]
+    return lax.cond(
+        length == sub,
+        lambda: (k_dec_ref[...], state_dec_ref[...]),
+        lambda: _length_decays(slope, length, sub),
+    )
 
 
 def _sub_block_loop(num_subs: int, body, reverse: bool = False) -> None:
@@ -142,9 +159,12 @@ def _forward_kernel(
     kv_ref,
     mask_ref,
     q_dec_ref,
+    k_dec_ref,
+    state_dec_ref,
     *,
     tiling: _Tiling,
     seq_len: int,
+    ragged: bool,
 ):
     g, c = pl.program_id(0), pl.program_id(1)
     slope = slopes_ref[lax.rem(g, tiling.heads)]
@@ -153,14 +173,15 @@ def _forward_kernel(
     @pl.when(c == 0)
     def _():
         kv_ref[...] = s0_ref[...]
-        _fill_head_tables(slope, mask_ref, q_dec_ref)
+        _fill_head_tables(slope, mask_ref, q_dec_ref, k_dec_ref, state_dec_ref)
 
     def sub_block(i):
         rows = pl.ds(pl.multiple_of(i * sub, sub), sub)
         q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
         in_dtype = q.dtype
         start = c * tiling.block_rows + i * sub
-        k_dec, state_dec = _length_decays(slope, jnp.clip(seq_len - start, 0, sub), sub)
+        length = jnp.clip(seq_len - start, 0, sub)
+        k_dec, state_dec = _sub_block_decays(slope, length, k_dec_ref, state_dec_ref, ragged)
         kv = kv_ref[...]
         scores = _dot(q, k, precision, _NT) * mask_ref[...]
         o = _dot(scores.astype(in_dtype), v, precision) + q_dec_ref[...] * _dot(
@@ -187,9 +208,12 @@ def _dq_kernel(
     kv_ref,
     mask_ref,
     q_dec_ref,
+    k_dec_ref,
+    state_dec_ref,
     *,
     tiling: _Tiling,
     seq_len: int,
+    ragged: bool,
 ):
     g, c = pl.program_id(0), pl.program_id(1)
     slope = slopes_ref[lax.rem(g, tiling.heads)]
@@ -198,14 +222,15 @@ def _dq_kernel(
     @pl.when(c == 0)
     def _():
         kv_ref[...] = s0_ref[...]
-        _fill_head_tables(slope, mask_ref, q_dec_ref)
+        _fill_head_tables(slope, mask_ref, q_dec_ref, k_dec_ref, state_dec_ref)
 
     def sub_block(i):
         rows = pl.ds(pl.multiple_of(i * sub, sub), sub)
         k, v, do = k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
         in_dtype = k.dtype
         start = c * tiling.block_rows + i * sub
-        k_dec, state_dec = _length_decays(slope, jnp.clip(seq_len - start, 0, sub), sub)
+        length = jnp.clip(seq_len - start, 0, sub)
+        k_dec, state_dec = _sub_block_decays(slope, length, k_dec_ref, state_dec_ref, ragged)
         kv = kv_ref[...]
         dscores = _dot(do, v, precision, _NT) * mask_ref[...]
         dq = _dot(dscores.astype(in_dtype), k, precision) + q_dec_ref[...] * _dot(
@@ -231,9 +256,12 @@ def _dkdv_kernel(
     dkv_ref,
     mask_ref,
     q_dec_ref,
+    k_dec_ref,
+    state_dec_ref,
     *,
     tiling: _Tiling,
     seq_len: int,
+    ragged: bool,
 ):
     g, step = pl.program_id(0), pl.program_id(1)
     c = pl.num_programs(1) - 1 - step  # the index maps read blocks in reverse
@@ -243,14 +271,15 @@ def _dkdv_kernel(
     @pl.when(step == 0)
     def _():
         dkv_ref[...] = dstate_ref[...]
-        _fill_head_tables(slope, mask_ref, q_dec_ref)
+        _fill_head_tables(slope, mask_ref, q_dec_ref, k_dec_ref, state_dec_ref)
 
     def sub_block(i):
         rows = pl.ds(pl.multiple_of(i * sub, sub), sub)
         q, k, v, do = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
         in_dtype = q.dtype
         start = c * tiling.block_rows + i * sub
-        k_dec, state_dec = _length_decays(slope, jnp.clip(seq_len - start, 0, sub), sub)
+        length = jnp.clip(seq_len - start, 0, sub)
+        k_dec, state_dec = _sub_block_decays(slope, length, k_dec_ref, state_dec_ref, ragged)
         mask = mask_ref[...]
         dkv = dkv_ref[...]
         dkv_in = dkv.astype(in_dtype)
@@ -303,31 +332,35 @@ _SLOPES_SPEC = pl.BlockSpec(memory_space=pltpu.SMEM)
 
 
 def _scratch(tiling: _Tiling, d: int, e: int) -> list:
-    """The carried state [d, e], the head's mask [sub, sub] and q decay column [sub, 1]."""
+    """The carried state [d, e] and the head's decay tables (see `_fill_head_tables`)."""
     sub = tiling.sub_rows
     return [
         pltpu.VMEM((d, e), jnp.float32),
         pltpu.VMEM((sub, sub), jnp.float32),
         pltpu.VMEM((sub, 1), jnp.float32),
+        pltpu.VMEM((sub, 1), jnp.float32),
+        pltpu.VMEM((1, 1), jnp.float32),
     ]
 
 
 def cost_estimate(
-    kernel: str, groups: int, rows: int, d: int, e: int, itemsize: int, sub_rows: int
+    kernel: str, groups: int, rows: int, seq_len: int, d: int, e: int, itemsize: int, sub_rows: int
 ) -> pl.CostEstimate:
     """What one kernel computes and moves, from the shapes and the tiling.
 
     kernel: "forward", "dq" or "dkdv"; groups = batch * heads; rows = the
-    (padded) sequence length. FLOPs count the matmuls as computed (the masked
-    upper triangle of each sub-block included). Transcendentals are the `exp`s:
-    per (batch, head) the mask and q decay tables (sub^2 + sub), per sub-block
-    the k decay column and the state decay (sub + 1). Bytes: every operand
+    padded sequence length, seq_len the real one. FLOPs count the matmuls as
+    computed (the masked upper triangle of each sub-block included).
+    Transcendentals are the `exp`s: per (batch, head) the tables (sub^2 + 2 sub
+    + 1), per sub-block that is not full (the last real one and the padding after
+    it) its k decay column and state decay (sub + 1). Bytes: every operand
     read once and every result written once (inputs and outputs in the input
     dtype, states float32).
     """
     subs = rows // sub_rows
-    tables = sub_rows * sub_rows + sub_rows
-    transcendentals = groups * (tables + subs * (sub_rows + 1))
+    tables = sub_rows * sub_rows + 2 * sub_rows + 1
+    partial_subs = subs - seq_len // sub_rows
+    transcendentals = groups * (tables + partial_subs * (sub_rows + 1))
     state_bytes = d * e * 4
     # Per sub-block: score tiles (sub x sub x d or e) and state products (sub x d x e).
     intra = 2 * sub_rows * sub_rows
@@ -357,7 +390,7 @@ def _forward(q, k, v, slopes, s0, tiling: _Tiling, seq_len: int, interpret):
     e = v.shape[-1]
     nb = rows // tiling.block_rows
     return pl.pallas_call(
-        functools.partial(_forward_kernel, tiling=tiling, seq_len=seq_len),
+        functools.partial(_forward_kernel, tiling=tiling, seq_len=seq_len, ragged=rows != seq_len),
         grid=(batch * heads, nb),
         in_specs=[
             _SLOPES_SPEC,
@@ -374,7 +407,7 @@ def _forward(q, k, v, slopes, s0, tiling: _Tiling, seq_len: int, interpret):
         scratch_shapes=_scratch(tiling, d, e),
         compiler_params=_params(tiling.interpret),
         cost_estimate=cost_estimate(
-            "forward", batch * heads, rows, d, e, q.dtype.itemsize, tiling.sub_rows
+            "forward", batch * heads, rows, seq_len, d, e, q.dtype.itemsize, tiling.sub_rows
         ),
         interpret=interpret,
         name="lightning_forward",
@@ -387,7 +420,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, tiling: _Tiling, seq_len: int, in
     nb = rows // tiling.block_rows
     groups, itemsize = batch * heads, q.dtype.itemsize
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, tiling=tiling, seq_len=seq_len),
+        functools.partial(_dq_kernel, tiling=tiling, seq_len=seq_len, ragged=rows != seq_len),
         grid=(groups, nb),
         in_specs=[
             _SLOPES_SPEC,
@@ -400,12 +433,12 @@ def _backward(q, k, v, slopes, s0, do, dstate, tiling: _Tiling, seq_len: int, in
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         scratch_shapes=_scratch(tiling, d, e),
         compiler_params=_params(tiling.interpret),
-        cost_estimate=cost_estimate("dq", groups, rows, d, e, itemsize, tiling.sub_rows),
+        cost_estimate=cost_estimate("dq", groups, rows, seq_len, d, e, itemsize, tiling.sub_rows),
         interpret=interpret,
         name="lightning_dq",
     )(slopes, k, v, do, s0)
     dk, dv, ds0 = pl.pallas_call(
-        functools.partial(_dkdv_kernel, tiling=tiling, seq_len=seq_len),
+        functools.partial(_dkdv_kernel, tiling=tiling, seq_len=seq_len, ragged=rows != seq_len),
         grid=(groups, nb),
         in_specs=[
             _SLOPES_SPEC,
@@ -427,7 +460,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, tiling: _Tiling, seq_len: int, in
         ],
         scratch_shapes=_scratch(tiling, d, e),
         compiler_params=_params(tiling.interpret),
-        cost_estimate=cost_estimate("dkdv", groups, rows, d, e, itemsize, tiling.sub_rows),
+        cost_estimate=cost_estimate("dkdv", groups, rows, seq_len, d, e, itemsize, tiling.sub_rows),
         interpret=interpret,
         name="lightning_dkdv",
     )(slopes, q, k, v, do, dstate)

@@ -486,6 +486,11 @@ def choose_block_sizes(
         raise ValueError(
             f"block_size must be a multiple of {SUBLANES} for the Mosaic TPU kernel, got {sub}"
         )
+    if sub > sizes.block_rows:
+        raise ValueError(
+            f"block_size ({sub}) must be at most the grid block ({sizes.block_rows} rows) for "
+            "the Mosaic TPU kernel: it is the sub-block computed in VMEM"
+        )
     if sizes.block_rows % sizes.sub_rows:
         raise ValueError(
             f"block_sizes.block_rows ({sizes.block_rows}) must be a multiple of "

@@ -33,6 +33,7 @@ class TestMosaicTpuInterpret(LightningOpTestBase):
         ("triton", 24, "power of two >= 16"),
         ("triton", 8, "power of two >= 16"),
         ("mosaic_tpu", 12, "multiple of 8"),
+        ("mosaic_tpu", 2048, "at most the grid block"),  # float32: 1024-row grid blocks
     ],
 )
 def test_kernel_block_size_rules(impl, block_size, match):

@@ -289,6 +289,11 @@ def parse_tpu_vmem(hlo: str) -> dict[str, dict]:
     return out
 
 
+def count_layout_ops(hlo: str) -> dict[str, int]:
+    """pad, slice and copy instructions in a compiled program: data moved around the kernels."""
+    return {op: len(re.findall(rf"= \S+ {op}\(", hlo)) for op in ("pad", "slice", "copy")}
+
+
 def gpu_kernels(log: str, dump_dir: str, names: set[str]) -> list[dict]:
     """Per-kernel figures of a GPU compile, for the kernels in `names`."""
     ptxas = parse_ptxas(log)
@@ -329,6 +334,7 @@ def run_job(job: Job, timeout: float) -> dict:
         "error": None,
         "compile_s": None,
         "memory": {},
+        "layout_ops": {},
         "kernels": [],
     }
     with tempfile.TemporaryDirectory(prefix="compile_report_") as dump_dir:
@@ -354,6 +360,7 @@ def run_job(job: Job, timeout: float) -> dict:
             return row
         result = json.loads(result_line)
         row.update(ok=True, compile_s=result["compile_s"], memory=result["memory"])
+        row["layout_ops"] = count_layout_ops(result["hlo"])
         names = {"lightning"}
         if job.platform == "gpu":
             row["kernels"] = gpu_kernels(proc.stderr, dump_dir, names)
@@ -383,8 +390,8 @@ def spill_bytes(kernel: dict) -> int:
 def format_table(rows: list[dict]) -> str:
     header = (
         f"{'target':>8} {'impl':>10} {'mode':>7} {'dtype':>8} {'prec':>7} {'shape':>20} "
-        f"{'ok':>3} {'s':>6} {'kernel':>18} {'grid':>14} {'thr':>4} {'smem':>7} {'regs':>4} "
-        f"{'spill':>6} {'wgmma':>5} {'mma':>5} {'vmem KiB':>8}"
+        f"{'ok':>3} {'s':>6} {'pad/slc/cpy':>11} {'kernel':>18} {'grid':>14} {'thr':>4} "
+        f"{'smem':>7} {'regs':>4} {'spill':>6} {'wgmma':>5} {'mma':>5} {'vmem KiB':>8}"
     )
     lines = [header]
     for r in rows:
@@ -393,6 +400,8 @@ def format_table(rows: list[dict]) -> str:
             f"{r['precision']:>7} {r['shape']:>20} {'yes' if r['ok'] else 'NO':>3} "
             f"{(r['compile_s'] or 0):6.1f}"
         )
+        ops = r.get("layout_ops") or {}
+        lead += f" {'/'.join(str(ops.get(o, '-')) for o in ('pad', 'slice', 'copy')):>11}"
         if not r["ok"]:
             lines.append(f"{lead}  {r['error']}")
             continue

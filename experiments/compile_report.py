@@ -60,6 +60,7 @@ flags.DEFINE_list("modes", list(MODES), "fwd (forward) and/or fwd_bwd (forward+b
 flags.DEFINE_list("precisions", ["default"], 'float32 matmul precision: "default", "highest".')
 flags.DEFINE_bool("sp", True, f"Also compile the sequence-parallel op on {list(SP_TARGETS)}.")
 flags.DEFINE_string("json", None, "Write the rows as a JSON list here.")
+flags.DEFINE_bool("markdown", False, "Also print a markdown table (one line per compile).")
 flags.DEFINE_integer("timeout", 600, "Seconds per compile before it counts as failed.")
 flags.DEFINE_integer("jobs", 2, "Compiles run at once.")
 flags.DEFINE_string("worker", None, "Internal: compile one job given as JSON and print a row.")
@@ -418,6 +419,35 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _kernel_summary(kernel: dict) -> str:
+    name = kernel.get("name", "?").removeprefix("lightning_")
+    if kernel.get("vmem_bytes") is not None:
+        return f"{name} {kernel['vmem_bytes'] / 2**20:.2f} MiB"
+    if "registers" not in kernel:
+        return name
+    parts = [f"{kernel['registers']} regs", f"{spill_bytes(kernel)} B spill"]
+    if "shared_memory_bytes" in kernel:
+        parts.append(f"{kernel['shared_memory_bytes'] // 1024} KiB smem")
+    parts.append(f"{kernel.get('wgmma', 0)} wgmma" if kernel.get("wgmma") else "no wgmma")
+    return f"{name} " + ", ".join(parts)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One line per compile: GPU registers / spills / shared memory / wgmma, TPU VMEM."""
+    lines = [
+        "| target | impl | mode | dtype | shape | ok | s | per kernel |",
+        "| --- | --- | --- | --- | --- | --- | ---: | --- |",
+    ]
+    for r in rows:
+        prec = "" if r["dtype"] != "float32" else f" ({r['precision']})"
+        kernels = "; ".join(_kernel_summary(k) for k in r["kernels"]) or (r["error"] or "")
+        lines.append(
+            f"| {r['target']} | {r['impl']} | {r['mode']} | {r['dtype']}{prec} | {r['shape']} | "
+            f"{'yes' if r['ok'] else 'NO'} | {r['compile_s'] or 0:.1f} | {kernels} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv):
     del argv
     if FLAGS.worker:
@@ -440,6 +470,8 @@ def main(argv):
     print(f"{len(jobs)} compiles, {FLAGS.jobs} at a time", flush=True)
     rows = run_jobs(jobs, FLAGS.timeout, FLAGS.jobs)
     print(format_table(rows))
+    if FLAGS.markdown:
+        print(markdown_table(rows))
     failed = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(failed)} of {len(rows)} compiled")
     if FLAGS.json:

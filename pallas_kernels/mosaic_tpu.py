@@ -11,7 +11,7 @@ blocks forward rebuilding KV; dK, dV sweep them in reverse (the index maps read
 block nb-1-c at step c) carrying dKV, whose value at the start is the gradient
 of the initial state.
 
-Block conventions (DESIGN.md section 2), block c with L real rows: q row i
+Block conventions (docs/design.md section 2), block c with L real rows: q row i
 decays by lambda^(i+1), key row j by lambda^(L-1-j), the state by lambda^L.
 """
 

@@ -12,7 +12,7 @@ storing them:
   - dK, dV: one program per ((batch, head), e-tile) sweeps backward carrying
     dKV; each e-tile contributes a partial dK that the wrapper sums.
 
-Block conventions (DESIGN.md section 2), block c with L real rows (L = block
+Block conventions (docs/design.md section 2), block c with L real rows (L = block
 except in a padded last block): q row i decays by lambda^(i+1), key row j by
 lambda^(L-1-j), the state by lambda^L per block.
 """

@@ -33,6 +33,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from absl import app, flags, logging
 
@@ -155,7 +156,7 @@ def validate_flags(cfg: lm_train.TrainConfig) -> tuple[list[lm_train.TrainConfig
     return runs, corpus
 
 
-def usage_error(message: str) -> None:
+def usage_error(message: str) -> NoReturn:
     """The one line a flag mistake prints (no traceback); exit status 2, as argparse."""
     print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
     sys.exit(2)

@@ -11,7 +11,14 @@ terminal and to `metrics.jsonl`, evaluates held-out loss and bits per byte,
 saves and resumes orbax checkpoints, and plots the loss curves.
 
 Batches are a pure function of (seed, step), so a resumed run reproduces an
-uninterrupted one exactly. The command-line front end is `train_lm.py`.
+uninterrupted one exactly. The command-line front end is `train_lm.py`; its
+flags are the `TrainConfig` fields of the same names, so the errors of
+`validate_config` and `check_workdir` name the flag (`--steps`, `--resume`).
+
+A run directory is never mixed: `train` refuses a workdir that already holds a
+run unless `resume` (continue it: the saved config must match, see
+`RESUME_MAY_DIFFER`) or `overwrite` (delete what a run writes there, then start
+afresh) is set.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -60,9 +68,32 @@ class TrainConfig:
     checkpoint_every: int = 100
     data: str | None = None  # None: the Python standard library sources
     max_corpus_bytes: int | None = None
-    workdir: str = "results/train_demo"
-    resume: bool = False
+    workdir: str = "runs/train_demo"  # runs/ is git-ignored
+    resume: bool = False  # continue the run in workdir (there must be one)
+    overwrite: bool = False  # delete the run in workdir first
     plot: bool = True
+
+
+# What a resumed run may change: how long it runs (steps: the cosine schedule then decays
+# over the new total from the resumed step on), how often it logs, evaluates and saves,
+# which implementation of the same op runs and how the batch is laid out over devices, and
+# the run-control switches. Everything else (model, optimizer, data, seed, batch shape,
+# dtype) must equal the saved run's, or its weights would continue under another config.
+RESUME_MAY_DIFFER = frozenset(
+    {"steps", "log_every", "eval_every", "checkpoint_every", "impl", "seq_parallel"}
+    | {"workdir", "resume", "overwrite", "plot"}
+)
+# What a run writes into its workdir; `overwrite` deletes exactly these, nothing else.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "config.json", "loss.png")
+
+
+def default_workdir(preset: str = "demo", compare: bool = False) -> str:
+    """runs/train_<preset>[_compare]: under runs/, which .gitignore ignores."""
+    return f"runs/train_{preset}" + ("_compare" if compare else "")
+
+
+class ConfigError(ValueError):
+    """A field of TrainConfig (a flag of train_lm.py) or the workdir is unusable."""
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -109,6 +140,191 @@ def config_from_preset(preset: str, **overrides) -> TrainConfig:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     fields = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     return TrainConfig(**fields)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def validate_config(cfg: TrainConfig, num_devices: int | None = None) -> None:
+    """Checks every field a flag sets before any work; errors name the flag.
+
+    Args:
+      cfg: the run's config.
+      num_devices: the local device count, for the mesh checks (seq_parallel, batch
+        divisibility); None skips them (`Trainer` checks its mesh again).
+
+    Raises:
+      ConfigError: the first unusable field, as a one-line message naming `--field`.
+    """
+    for name in (
+        "steps batch_size seq_len num_layers embed_dim num_heads log_every eval_every "
+        "eval_batches checkpoint_every seq_parallel"
+    ).split():
+        value = getattr(cfg, name)
+        if not _is_int(value) or value < 1:
+            raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
+    if cfg.embed_dim % cfg.num_heads:
+        raise ConfigError(
+            f"--num_heads={cfg.num_heads} must divide --embed_dim={cfg.embed_dim} "
+            "(each head gets embed_dim / num_heads features)"
+        )
+    if not (isinstance(cfg.learning_rate, (int, float)) and 0 < cfg.learning_rate < math.inf):
+        raise ConfigError(f"--learning_rate must be positive and finite, got {cfg.learning_rate!r}")
+    if not _is_int(cfg.warmup_steps) or cfg.warmup_steps < 0:
+        raise ConfigError(f"--warmup_steps must be an integer >= 0, got {cfg.warmup_steps!r}")
+    if not _is_int(cfg.seed) or cfg.seed < 0:  # numpy's default_rng takes seeds >= 0
+        raise ConfigError(f"--seed must be an integer >= 0, got {cfg.seed!r}")
+    if cfg.max_corpus_bytes is not None and (
+        not _is_int(cfg.max_corpus_bytes) or cfg.max_corpus_bytes < 1
+    ):
+        raise ConfigError(
+            f"--max_corpus_bytes must be a positive integer, got {cfg.max_corpus_bytes!r}"
+        )
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.mixer == "lightning":
+        from lightning_jax import available_impls
+
+        if cfg.impl not in available_impls():
+            raise ConfigError(f"--impl must be one of {available_impls()}, got {cfg.impl!r}")
+    if cfg.data is not None:
+        if not cfg.data:
+            raise ConfigError("--data must name a text file or folder, got ''")
+        if not Path(cfg.data).exists():
+            raise ConfigError(f"--data={cfg.data} does not exist")
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: continue or start over")
+    sp = cfg.seq_parallel
+    if sp > 1 and cfg.mixer != "lightning":
+        raise ConfigError(f"--seq_parallel={sp} needs --mixer=lightning, got {cfg.mixer}")
+    if cfg.seq_len % sp:
+        raise ConfigError(f"--seq_len={cfg.seq_len} must divide by --seq_parallel={sp}")
+    if num_devices is not None:
+        if sp > num_devices:
+            raise ConfigError(
+                f"--seq_parallel={sp} is larger than the {num_devices} local device(s)"
+            )
+        if num_devices % sp:
+            raise ConfigError(
+                f"--seq_parallel={sp} must divide the {num_devices} local devices "
+                "(mesh: data = devices / seq_parallel, seq = seq_parallel)"
+            )
+        if cfg.batch_size % (num_devices // sp):
+            raise ConfigError(
+                f"--batch_size={cfg.batch_size} must divide by the {num_devices // sp} devices "
+                "of the data axis (local devices / seq_parallel)"
+            )
+
+
+def validate_corpus(cfg: TrainConfig, corpus: lm_data.Corpus) -> None:
+    """Checks that the corpus holds one training window and one evaluation batch."""
+    if corpus.train.size < cfg.seq_len + 1:
+        raise ConfigError(
+            f"--seq_len={cfg.seq_len} needs {cfg.seq_len + 1} train bytes; the train part of "
+            f"--data ({corpus.source}) has {corpus.train.size}"
+        )
+    eval_bytes = cfg.batch_size * (cfg.seq_len + 1)
+    if corpus.held_out.size < eval_bytes:
+        raise ConfigError(
+            f"one evaluation batch of --batch_size={cfg.batch_size} x (--seq_len + 1) needs "
+            f"{eval_bytes} held-out bytes; the held-out part of --data ({corpus.source}) "
+            f"has {corpus.held_out.size}"
+        )
+
+
+def run_files(workdir: str | os.PathLike) -> list[str]:
+    """The RUN_FILES present in workdir (an empty list: nothing of a run is there)."""
+    return [name for name in RUN_FILES if (Path(workdir) / name).exists()]
+
+
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+    """Steps of the finished orbax checkpoints in workdir/checkpoints, ascending."""
+    root = Path(workdir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def config_differences(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """'field saved -> now' for every field outside RESUME_MAY_DIFFER that differs.
+
+    A field missing from `saved` (written by an older version) counts as its default.
+    """
+    now = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    defaults = json.loads(json.dumps(dataclasses.asdict(TrainConfig())))
+    diffs = []
+    for name in sorted(set(saved) | set(now)):
+        if name in RESUME_MAY_DIFFER:
+            continue
+        before, after = saved.get(name, defaults.get(name)), now.get(name, "(unknown field)")
+        if before != after:
+            diffs.append(f"{name} {before!r} -> {after!r}")
+    return diffs
+
+
+def check_workdir(cfg: TrainConfig) -> None:
+    """Refuses to mix runs in cfg.workdir; touches nothing (`prepare_workdir` clears).
+
+    Without resume, a workdir holding any of RUN_FILES is refused unless overwrite;
+    with resume there must be a checkpoint at or below cfg.steps and a config.json
+    equal to cfg outside RESUME_MAY_DIFFER.
+
+    Raises:
+      ConfigError: a one-line message naming --workdir, --resume or --overwrite.
+    """
+    workdir = cfg.workdir
+    if not cfg.resume:
+        present = run_files(workdir)
+        if present and not cfg.overwrite:
+            raise ConfigError(
+                f"--workdir={workdir} already holds a run ({', '.join(present)}): pass "
+                "--resume to continue it or --overwrite to delete it and start over"
+            )
+        return
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise ConfigError(
+            f"--resume: no checkpoint in {Path(workdir) / 'checkpoints'} to resume from "
+            "(drop --resume to start a new run there)"
+        )
+    if steps[-1] > cfg.steps:
+        raise ConfigError(
+            f"--steps={cfg.steps} is below the step {steps[-1]} of the checkpoint to resume from"
+        )
+    config_path = Path(workdir) / "config.json"
+    if not config_path.exists():
+        raise ConfigError(
+            f"--resume: {config_path} is missing, so the run's config cannot be checked "
+            "(pass --overwrite to start over)"
+        )
+    with open(config_path) as f:
+        saved = json.load(f)
+    diffs = config_differences(saved, cfg)
+    if diffs:
+        raise ConfigError(
+            f"--resume: the flags differ from the run saved in {workdir}: {'; '.join(diffs)} "
+            f"(only {', '.join(sorted(RESUME_MAY_DIFFER - {'workdir', 'resume', 'overwrite'}))} "
+            "may change on resume)"
+        )
+
+
+def clear_run(workdir: str | os.PathLike) -> None:
+    """Deletes the RUN_FILES in workdir, nothing else (workdir may hold other things)."""
+    for name in run_files(workdir):
+        path = Path(workdir) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def prepare_workdir(cfg: TrainConfig) -> None:
+    """`check_workdir`, then with overwrite deletes the previous run; creates workdir."""
+    check_workdir(cfg)
+    if cfg.overwrite and not cfg.resume:
+        clear_run(cfg.workdir)
+    os.makedirs(cfg.workdir, exist_ok=True)
 
 
 def model_config(cfg: TrainConfig, mesh: Mesh | None = None) -> TransNormerConfig:
@@ -270,24 +486,33 @@ def _restore(manager, state):
     import orbax.checkpoint as ocp
 
     step = manager.latest_step()
-    if step is None:
-        return 0, state
+    if step is None:  # check_workdir found a checkpoint; orbax must see it too
+        raise ConfigError(f"--resume: orbax finds no checkpoint in {manager.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     return step, manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
 def train(cfg: TrainConfig, corpus: lm_data.Corpus | None = None, verbose: bool = True) -> dict:
-    """Runs (or resumes) one training run; returns its summary and metric records."""
-    os.makedirs(cfg.workdir, exist_ok=True)
+    """Runs (or resumes) one training run; returns its summary and metric records.
+
+    Raises:
+      ConfigError: an unusable field (`validate_config`, `validate_corpus`) or workdir
+        (`check_workdir`), before any training.
+    """
+    validate_config(cfg)
+    prepare_workdir(cfg)
     corpus = corpus or lm_data.load_corpus(cfg.data, max_bytes=cfg.max_corpus_bytes)
+    validate_corpus(cfg, corpus)
     trainer = Trainer(cfg)
     manager = _checkpoint_manager(cfg.workdir)
     start = 0
     metrics_path = Path(cfg.workdir) / "metrics.jsonl"
     if cfg.resume:
         start, trainer.state = _restore(manager, trainer.state)
-    elif metrics_path.exists():
-        metrics_path.unlink()  # a fresh run starts a fresh log
+        # Records logged after the checkpoint (an interrupted run) are redone.
+        kept = [r for r in read_metrics(metrics_path) if r["step"] <= start]
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
     with open(Path(cfg.workdir) / "config.json", "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=1)
     tokens_per_step = cfg.batch_size * cfg.seq_len

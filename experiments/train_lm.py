@@ -2,13 +2,22 @@ r"""Train a TransNormerLLM-style byte-level LM with Lightning Attention (or soft
 
 Real text with no download: by default the Python standard library's source
 files, split by file into train and held-out parts; --data takes any text file
-or folder. Everything a run writes goes to --workdir: metrics.jsonl, config.json,
-orbax checkpoints, loss.png.
+or folder. Everything a run writes goes to --workdir (default runs/train_<preset>,
+git-ignored): metrics.jsonl, config.json, orbax checkpoints, loss.png.
 
-  python experiments/train_lm.py                          # demo preset, ~minutes on 2 CPU cores
-  python experiments/train_lm.py --preset=small --workdir=results/small
-  python experiments/train_lm.py --resume --workdir=results/train_demo   # continue
-  python experiments/train_lm.py --compare --workdir=results/compare     # lightning vs softmax
+  python experiments/train_lm.py                          # demo preset -> runs/train_demo
+  python experiments/train_lm.py --preset=small --workdir=runs/small
+  python experiments/train_lm.py --resume --steps=1000    # continue the demo run to step 1000
+  python experiments/train_lm.py --overwrite              # delete the demo run, start over
+  python experiments/train_lm.py --compare                # lightning vs softmax
+
+A workdir that already holds a run is refused unless --resume (continue it; the
+saved config.json must match the flags except steps, log_every, eval_every,
+checkpoint_every, impl and seq_parallel; there must be a checkpoint) or
+--overwrite (delete the run's files there: checkpoints/, metrics.jsonl,
+config.json, loss.png; with --compare also compare.png and both sub-runs).
+A flag mistake exits with status 2 and one line naming the flag, before any
+training.
 
 Data-parallel over all local devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=4
 on a CPU). --seq_parallel=S also splits every sequence over S devices (mesh data x seq =
@@ -20,9 +29,11 @@ devices / S x S; lightning mixer only), for sequences longer than one device hol
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from absl import app, flags, logging
 
@@ -32,7 +43,9 @@ import lm_data  # noqa: E402
 import lm_train  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "demo", sorted(lm_train.PRESETS), "Size preset.")
+flags.DEFINE_enum(
+    "preset", "demo", sorted(lm_train.PRESETS), "Size preset (what each sets: see the top)."
+)
 flags.DEFINE_enum("mixer", "lightning", ["lightning", "softmax"], "Token mixer.")
 flags.DEFINE_bool("compare", False, "Train both mixers on the same data and budget.")
 flags.DEFINE_integer("steps", None, "Training steps (overrides the preset).")
@@ -54,42 +67,126 @@ flags.DEFINE_integer("eval_every", None, "Steps between held-out evaluations.")
 flags.DEFINE_integer("checkpoint_every", None, "Steps between checkpoints.")
 flags.DEFINE_string("data", None, "Text file or folder (default: the Python stdlib sources).")
 flags.DEFINE_integer("max_corpus_bytes", None, "Read at most this many corpus bytes.")
-flags.DEFINE_string("workdir", None, "Where the run writes everything.")
-flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --workdir.")
+flags.DEFINE_string(
+    "workdir", None, "Where the run writes everything (default: runs/train_<preset>[_compare])."
+)
+flags.DEFINE_bool("resume", False, "Continue the run in --workdir (it must hold a checkpoint).")
+flags.DEFINE_bool("overwrite", False, "Delete the run in --workdir first, then start afresh.")
 
 _OVERRIDES = (
     "mixer steps seq_len batch_size num_layers embed_dim num_heads learning_rate warmup_steps "
     "dtype impl seq_parallel seed log_every eval_every checkpoint_every data max_corpus_bytes "
     "workdir"
 ).split()
+COMPARE_MIXERS = ("lightning", "softmax")
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+def describe_presets() -> str:
+    """What each preset sets, and the defaults of the fields no preset sets (for --help)."""
+    defaults = lm_train.TrainConfig()
+    lines = ["", "Presets (a flag overrides the field it names):"]
+    for name in sorted(lm_train.PRESETS):
+        fields = " ".join(f"{k}={v}" for k, v in lm_train.PRESETS[name].items())
+        lines.append(f"  {name}: {fields}")
+    preset_fields = set().union(*lm_train.PRESETS.values())
+    rest = " ".join(
+        f"{k}={getattr(defaults, k)}"
+        for k in _OVERRIDES
+        if k not in preset_fields and k not in ("workdir", "data", "max_corpus_bytes")
+    )
+    lines.append(f"  every preset: {rest}")
+    return "\n".join(lines) + "\n"
+
+
+__doc__ += describe_presets()
+
+
+def config_from_flags() -> lm_train.TrainConfig:
     overrides = {name: getattr(FLAGS, name) for name in _OVERRIDES}
-    overrides["resume"] = FLAGS.resume
+    overrides.update(resume=FLAGS.resume, overwrite=FLAGS.overwrite)
     if overrides["workdir"] is None:
-        overrides["workdir"] = f"results/train_{FLAGS.preset}" + (
-            "_compare" if FLAGS.compare else ""
-        )
-    cfg = lm_train.config_from_preset(FLAGS.preset, **overrides)
+        overrides["workdir"] = lm_train.default_workdir(FLAGS.preset, FLAGS.compare)
+    return lm_train.config_from_preset(FLAGS.preset, **overrides)
+
+
+def compare_configs(cfg: lm_train.TrainConfig) -> list[lm_train.TrainConfig]:
+    """One run per mixer of --compare, each in a sub-folder of cfg.workdir."""
+    return [
+        dataclasses.replace(cfg, mixer=mixer, workdir=str(Path(cfg.workdir) / mixer))
+        for mixer in COMPARE_MIXERS
+    ]
+
+
+def validate_flags(cfg: lm_train.TrainConfig) -> tuple[list[lm_train.TrainConfig], lm_data.Corpus]:
+    """Every check of the flags, before any training; returns the runs and their corpus.
+
+    Cheap checks first (fields, the workdir), then the device count, then the corpus.
+
+    Raises:
+      lm_train.ConfigError: a one-line message naming the flag.
+    """
     if FLAGS.compare and cfg.seq_parallel > 1:
-        raise app.UsageError(
+        raise lm_train.ConfigError(
             "--compare trains the softmax mixer too, which has no sequence parallelism; "
             "drop --seq_parallel"
         )
-    corpus = lm_data.load_corpus(cfg.data, max_bytes=cfg.max_corpus_bytes)
+    runs = compare_configs(cfg) if FLAGS.compare else [cfg]
+    for run in runs:
+        lm_train.validate_config(run)
+    if FLAGS.compare and not FLAGS.resume and not FLAGS.overwrite:
+        present = lm_train.run_files(cfg.workdir) + [
+            name for name in ("compare.png",) if (Path(cfg.workdir) / name).exists()
+        ]
+        if present:
+            raise lm_train.ConfigError(
+                f"--workdir={cfg.workdir} already holds a run ({', '.join(present)}): pass "
+                "--resume to continue it or --overwrite to delete it and start over"
+            )
+    for run in runs:
+        lm_train.check_workdir(run)
+
+    import jax  # the device count initialises a backend: after the cheap checks
+
+    lm_train.validate_config(cfg, num_devices=len(jax.local_devices()))
+    try:
+        corpus = lm_data.load_corpus(cfg.data, max_bytes=cfg.max_corpus_bytes)
+    except ValueError as err:
+        raise lm_train.ConfigError(f"--data: {err}") from None
+    lm_train.validate_corpus(cfg, corpus)
+    return runs, corpus
+
+
+def usage_error(message: str) -> NoReturn:
+    """The one line a flag mistake prints (no traceback); exit status 2, as argparse."""
+    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parsing, with a malformed flag reported as one line and status 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as err:
+        usage_error(str(err))
+
+
+def main(argv):
+    if len(argv) > 1:
+        usage_error(f"unexpected arguments {argv[1:]} (flags take the form --name=value)")
+    logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    try:
+        cfg = config_from_flags()
+        runs, corpus = validate_flags(cfg)
+    except lm_train.ConfigError as err:
+        usage_error(str(err))
+    if FLAGS.compare and FLAGS.overwrite:
+        (Path(cfg.workdir) / "compare.png").unlink(missing_ok=True)
+        lm_train.clear_run(cfg.workdir)
     if not FLAGS.compare:
         lm_train.train(cfg, corpus)
         print(f"wrote {cfg.workdir}/metrics.jsonl and {cfg.workdir}/loss.png")
         return
-    runs = {}
-    for mixer in ("lightning", "softmax"):
-        sub = lm_train.TrainConfig(
-            **{**vars(cfg), "mixer": mixer, "workdir": str(Path(cfg.workdir) / mixer)}
-        )
-        runs[mixer] = lm_train.train(sub, corpus)["records"]
+    runs = {run.mixer: lm_train.train(run, corpus)["records"] for run in runs}
     out = Path(cfg.workdir) / "compare.png"
     lm_train.plot_losses(runs, out, title="lightning vs softmax, same data and budget")
     for mixer, records in runs.items():
@@ -99,4 +196,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

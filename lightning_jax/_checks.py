@@ -26,7 +26,8 @@ def check_inputs(q, k, v, slopes, initial_state) -> jax.Array:
       ValueError: a rank or shape does not match the contract
         q, k `[batch, heads, seq, d]`, v `[batch, heads, seq, e]`,
         slopes None / scalar / `[heads]`, initial_state `[batch, heads, d, e]`,
-        or concrete slopes are negative or not finite.
+        or slopes are negative or not finite (checked when their values exist at
+        the call, not when traced: see `normalize_slopes`).
     """
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_float_array(name, x)
@@ -62,7 +63,16 @@ def check_inputs(q, k, v, slopes, initial_state) -> jax.Array:
 
 
 def normalize_slopes(slopes, heads: int) -> jax.Array:
-    """None -> zeros, scalar -> repeated over heads, `[heads]` -> itself; as float32."""
+    """None -> zeros, scalar -> repeated over heads, `[heads]` -> itself; as float32.
+
+    Which slopes are checked (finite and >= 0): every slope whose value exists when
+    the op is called, i.e. Python numbers and NumPy arrays always (also under
+    `jax.jit`), and JAX arrays that are not tracers (eager calls, or arrays a jitted
+    function closes over, such as the constant slopes of `lm_train`'s model). Traced
+    slopes (an argument of a function under `jax.jit`, `vmap` or `nnx.jit`, or
+    computed inside one) have no value at trace time and are not checked: a
+    negative one silently gives a decay exp(-slope) > 1.
+    """
     if slopes is None:
         return jnp.zeros((heads,), jnp.float32)
     if isinstance(slopes, bool):
@@ -71,19 +81,20 @@ def normalize_slopes(slopes, heads: int) -> jax.Array:
         slopes = np.float32(slopes)
     else:
         _check_float_array("slopes", slopes)
-    if np.ndim(slopes) == 0:
-        slopes = jnp.full((heads,), slopes, jnp.float32)
-    elif tuple(np.shape(slopes)) != (heads,):
+    if np.ndim(slopes) != 0 and tuple(np.shape(slopes)) != (heads,):
         raise ValueError(
             f"slopes must be None, a scalar or shape [heads] = ({heads},), got shape "
             f"{tuple(np.shape(slopes))}"
         )
+    # Before any jnp call: under jit, jnp turns even a constant into a tracer.
     if not isinstance(slopes, jax.core.Tracer):
         concrete = np.asarray(slopes, np.float32)
         if not np.all(np.isfinite(concrete)) or np.any(concrete < 0):
             raise ValueError(
                 f"slopes must be finite and >= 0 (decay exp(-slope) <= 1), got {concrete}"
             )
+    if np.ndim(slopes) == 0:
+        return jnp.full((heads,), slopes, jnp.float32)
     return jnp.asarray(slopes, jnp.float32)
 
 

@@ -114,6 +114,9 @@ def lightning_attention(
       slopes: None (lambda = 1, plain causal linear attention), a scalar for
         every head, or `[H]` (e.g. `alibi_slopes(H)`), all >= 0. Slopes are
         constants of the operator, as in the paper: no gradient flows to them.
+        Their values are checked when they exist at the call: Python numbers
+        and NumPy arrays always, JAX arrays unless traced (a traced slope, e.g.
+        an argument of a jitted function, is not checked).
       initial_state: optional `[B, H, D, E]` state kv_0 (zeros if None).
         Differentiable.
       return_final_state: also return the state after the last token.
@@ -142,8 +145,8 @@ def lightning_attention(
 
     Raises:
       ValueError: a wrong rank or shape (naming the argument and shapes), an
-        unknown `impl` or `precision`, a non-positive `block_size`, negative
-        slopes.
+        unknown `impl` or `precision`, a non-positive `block_size`, negative or
+        non-finite slopes (not traced ones: see `slopes`).
       TypeError: a non-floating dtype, or float64 inputs to a Pallas kernel.
     """
     slopes = check_inputs(q, k, v, slopes, initial_state)

@@ -12,7 +12,7 @@ block-start states of each chunk from the chunk-start state saved by the
 forward (one d x e state per chunk).
 
 A last block shorter than `block` (seq not a multiple of it) uses its true
-length in the key and block decays (DESIGN.md section 2), so the final state is
+length in the key and block decays (docs/design.md section 2), so the final state is
 exact. No decay with a negative exponent is ever formed.
 """
 

@@ -2,7 +2,7 @@
 
 Zero-padding d and e is exact. Zero-padding seq at the end is exact for the
 output; the kernels take the final state at the true last row by decaying the
-last block by its true length (DESIGN.md section 4).
+last block by its true length (docs/design.md section 4).
 """
 
 from __future__ import annotations

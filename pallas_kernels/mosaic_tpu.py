@@ -4,7 +4,7 @@ Layout. The kernels read q, k `[B, H, T, D]` and v, dO `[B, H, T, E]` where
 they lie: block shapes `(None, None, rows, D)` whose last dimension is the
 array's own, which the (8, 128) tiling rule allows for any D (64 included), so
 the wrapper neither pads d or e nor slices the result. Only a sequence that is
-not a multiple of the grid block is zero-padded at the end (DESIGN.md section 4:
+not a multiple of the grid block is zero-padded at the end (docs/design.md section 4:
 exact for the output; the final state is taken at the true last row).
 
 Grid `(B * H, T / block_rows)`: the leading axis is "parallel" (megacore chips,
@@ -32,7 +32,7 @@ Precision. bf16/f16 operands go to the MXU as they are, with float32
 accumulation. float32 operands use the MXU's default precision unless
 `precision="highest"` asks for exact (multi-pass) float32 matmuls.
 
-Block conventions (DESIGN.md section 2), sub-block with L real rows: q row i
+Block conventions (docs/design.md section 2), sub-block with L real rows: q row i
 decays by lambda^(i+1), key row j by lambda^(L-1-j), the state by lambda^L.
 """
 
@@ -522,7 +522,7 @@ def lightning_attention_mosaic_tpu(
       q, k: `[B, H, T, D]`; v: `[B, H, T, E]` (float32, bfloat16 or float16).
       slopes: float32 `[H]`.
       initial_state: `[B, H, D, E]`, used in float32.
-      block_size: rows per compute sub-block (the tiling of DESIGN.md section 2),
+      block_size: rows per compute sub-block (the tiling of docs/design.md section 2),
         a multiple of 8 (default 128, one MXU tile).
       interpret: run the kernels in the Pallas TPU interpreter (any backend).
       precision: "default" (float32 operands at the MXU's default precision)

@@ -18,7 +18,7 @@ Splitting dK from dV keeps each kernel's live tiles within the register file
 
 float32 inputs multiply on TF32 tensor cores unless precision="highest".
 
-Block conventions (DESIGN.md section 2), block c with L real rows (L = block
+Block conventions (docs/design.md section 2), block c with L real rows (L = block
 except in a padded last block): q row i decays by lambda^(i+1), key row j by
 lambda^(L-1-j), the state by lambda^L per block.
 """

@@ -18,7 +18,7 @@ import pytest
 import lightning_jax as lj
 from lightning_jax import reference
 
-# (batch, heads, seq, d, e, slopes, block_size): the awkward shapes of DESIGN.md section 6.
+# (batch, heads, seq, d, e, slopes, block_size): the awkward shapes of docs/design.md section 6.
 CASES = [
     (2, 3, 1, 16, 16, "alibi", None),
     (1, 2, 63, 60, 100, "strong", None),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -62,3 +64,26 @@ def test_layer_slopes_scale():
 def test_bad_arguments(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_slope_values_are_checked_when_they_exist_not_when_traced():
+    """The README's rule: negative slopes raise unless they are tracers at the call."""
+    x = jnp.ones((1, 2, 8, 4))
+    neg_np = np.array([-0.1, 0.2], np.float32)
+    neg_jax = jnp.asarray(neg_np)  # concrete: made outside any transformation
+    checked = {
+        "numpy, eager": lambda: lj.lightning_attention(x, x, x, neg_np),
+        "jax array, eager": lambda: lj.lightning_attention(x, x, x, neg_jax),
+        "python scalar under jit": jax.jit(lambda q: lj.lightning_attention(q, q, q, -0.1)),
+        "numpy closed over by jit": jax.jit(lambda q: lj.lightning_attention(q, q, q, neg_np)),
+        "jax array closed over by jit": jax.jit(lambda q: lj.lightning_attention(q, q, q, neg_jax)),
+        "nan slope": lambda: lj.lightning_attention(x, x, x, np.array([np.nan, 0.1])),
+    }
+    for name, fn in checked.items():
+        with pytest.raises(ValueError, match="slopes must be finite and >= 0"):
+            fn(x) if "jit" in name else fn()
+    # Traced: an argument of a jitted or vmapped function has no value at trace time.
+    o = jax.jit(lj.lightning_attention)(x, x, x, neg_np)
+    assert o.shape == (1, 2, 8, 4)
+    o = jax.vmap(lambda s: lj.lightning_attention(x, x, x, s))(np.stack([neg_np, neg_np]))
+    assert o.shape == (2, 1, 2, 8, 4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -57,13 +58,107 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, corpus):
     full = lm_train.train(straight, corpus, verbose=False)
     first = dataclasses.replace(straight, steps=3, workdir=str(tmp_path / "b"))
     lm_train.train(first, corpus, verbose=False)
+    # As if the first part had logged step 5 and died before its next checkpoint.
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "train_loss": 9.0, "tokens_per_sec": null}\n')
     resumed = lm_train.train(
         dataclasses.replace(first, steps=6, resume=True), corpus, verbose=False
     )
     for a, b in zip(_params(full["state"]), _params(resumed["state"]), strict=True):
         np.testing.assert_array_equal(a, b)
-    # The log of the resumed run continues the first part's.
+    # The log of the resumed run continues the first part's, from its checkpoint (step 3).
     assert [r["step"] for r in resumed["records"]] == [2, 3, 4, 6]
+
+
+def _fake_run(workdir, cfg: lm_train.TrainConfig, checkpoint_steps=(3,)) -> None:
+    """The files a finished run leaves, without training (check_workdir reads only these)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    (workdir / "metrics.jsonl").write_text('{"step": 3}\n')
+    for step in checkpoint_steps:
+        (workdir / "checkpoints" / str(step)).mkdir(parents=True)
+
+
+def test_a_used_workdir_is_refused_without_resume_or_overwrite(tmp_path):
+    cfg = lm_train.TrainConfig(**TINY, steps=6, workdir=str(tmp_path))
+    lm_train.check_workdir(cfg)  # empty: fine
+    for name in lm_train.RUN_FILES:
+        (tmp_path / name).mkdir() if name == "checkpoints" else (tmp_path / name).write_text("")
+        with pytest.raises(lm_train.ConfigError, match=f"({name}).*--resume.*--overwrite"):
+            lm_train.check_workdir(cfg)
+        lm_train.clear_run(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    _fake_run(tmp_path, cfg)
+    lm_train.prepare_workdir(dataclasses.replace(cfg, overwrite=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # only the run's files
+
+
+def test_resume_checks_the_saved_run(tmp_path):
+    saved = lm_train.TrainConfig(**TINY, steps=6, workdir=str(tmp_path))
+    resume = dataclasses.replace(saved, resume=True)
+    with pytest.raises(lm_train.ConfigError, match="--resume: no checkpoint"):
+        lm_train.check_workdir(resume)
+    _fake_run(tmp_path, saved, checkpoint_steps=(3, 6))
+    lm_train.check_workdir(resume)
+    # Longer, other intervals, another implementation or layout: the same run continued.
+    lm_train.check_workdir(
+        dataclasses.replace(resume, steps=9, log_every=1, eval_every=3, impl="reference")
+    )
+    with pytest.raises(lm_train.ConfigError, match=r"learning_rate 0.01 -> 0.02; seed 0 -> 1"):
+        lm_train.check_workdir(dataclasses.replace(resume, seed=1, learning_rate=0.02))
+    with pytest.raises(lm_train.ConfigError, match="embed_dim 32 -> 64"):
+        lm_train.check_workdir(dataclasses.replace(resume, embed_dim=64))
+    with pytest.raises(lm_train.ConfigError, match="--steps=4 is below the step 6"):
+        lm_train.check_workdir(dataclasses.replace(resume, steps=4))
+    with pytest.raises(lm_train.ConfigError, match="exclude each other"):
+        lm_train.validate_config(dataclasses.replace(resume, overwrite=True))
+    # A field an older version did not save counts as its default.
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["weight_decay"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    lm_train.check_workdir(resume)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(lm_train.ConfigError, match="config.json is missing"):
+        lm_train.check_workdir(resume)
+
+
+@pytest.mark.parametrize(
+    "field, value, flag",
+    [
+        ("steps", -1, "--steps"),
+        ("batch_size", 0, "--batch_size"),
+        ("seq_len", 0, "--seq_len"),
+        ("num_heads", 3, "--num_heads=3 must divide --embed_dim=32"),
+        ("impl", "foo", "--impl"),
+        ("learning_rate", 0.0, "--learning_rate"),
+        ("seed", -1, "--seed"),
+        ("data", "", "--data"),
+        ("eval_every", 0, "--eval_every"),
+    ],
+)
+def test_validate_config_names_the_flag(field, value, flag):
+    with pytest.raises(lm_train.ConfigError, match=flag):
+        lm_train.validate_config(lm_train.TrainConfig(**{**TINY, field: value}))
+
+
+def test_validate_config_against_the_devices():
+    cfg = lm_train.TrainConfig(**TINY)  # batch 8
+    lm_train.validate_config(cfg, num_devices=8)
+    with pytest.raises(lm_train.ConfigError, match="--seq_parallel=16 is larger than the 8"):
+        lm_train.validate_config(dataclasses.replace(cfg, seq_parallel=16), num_devices=8)
+    with pytest.raises(lm_train.ConfigError, match="--seq_parallel=3 must divide the 8"):
+        lm_train.validate_config(
+            dataclasses.replace(cfg, seq_parallel=3, seq_len=33), num_devices=8
+        )
+    with pytest.raises(lm_train.ConfigError, match="--batch_size=8 must divide by the 3"):
+        lm_train.validate_config(cfg, num_devices=3)
+
+
+def test_validate_corpus_names_the_flags(corpus):
+    with pytest.raises(lm_train.ConfigError, match="--seq_len=100000 needs"):
+        lm_train.validate_corpus(lm_train.TrainConfig(**{**TINY, "seq_len": 100_000}), corpus)
+    with pytest.raises(lm_train.ConfigError, match="--batch_size=64"):
+        lm_train.validate_corpus(lm_train.TrainConfig(**{**TINY, "batch_size": 64}), corpus)
 
 
 def test_data_parallel_step_equals_single_device(corpus):

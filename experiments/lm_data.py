@@ -133,13 +133,46 @@ def sample_batch(data: np.ndarray, batch_size: int, seq_len: int, seed: int, ste
     inputs shifted by one byte. Being a function of the step alone, a resumed
     run sees exactly the batches an uninterrupted one would.
     """
+    return sample_batch_shard(
+        data, batch_size, seq_len, seed, step, slice(0, batch_size), slice(0, seq_len)
+    )
+
+
+def sample_batch_shard(
+    data: np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    step: int,
+    rows: slice,
+    tokens: slice,
+):
+    """One process's share of `sample_batch(data, batch_size, seq_len, seed, step)`.
+
+    Returns int32 (inputs, targets), each [rows, tokens] of the global
+    [batch_size, seq_len] batch: exactly `sample_batch(...)[i][rows, tokens]`,
+    but only the bytes of that block are read. In a multi-process run each
+    process loads its own block (a function of the step and of which devices the
+    process holds), so a resumed run gets the same batches.
+
+    Args:
+      rows: contiguous rows of the global batch (`slice(start, stop)`).
+      tokens: contiguous token positions of every row (`slice(start, stop)`).
+    """
     if data.size < seq_len + 1:
         raise ValueError(
             f"the data ({data.size} bytes) is shorter than seq_len + 1 = {seq_len + 1}"
         )
+    for name, part, size in (("rows", rows, batch_size), ("tokens", tokens, seq_len)):
+        bounds = (part.start, part.stop)
+        contiguous = part.step in (None, 1) and all(isinstance(b, int) for b in bounds)
+        if not (contiguous and 0 <= part.start < part.stop <= size):
+            raise ValueError(f"{name} must be a contiguous slice within [0, {size}), got {part}")
     rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, data.size - seq_len, size=batch_size)
-    windows = np.stack([data[s : s + seq_len + 1] for s in starts]).astype(np.int32)
+    starts = rng.integers(0, data.size - seq_len, size=batch_size)[rows]
+    windows = np.stack([data[s + tokens.start : s + tokens.stop + 1] for s in starts]).astype(
+        np.int32
+    )
     return windows[:, :-1], windows[:, 1:]
 
 

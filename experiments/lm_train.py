@@ -19,6 +19,13 @@ A run directory is never mixed: `train` refuses a workdir that already holds a
 run unless `resume` (continue it: the saved config must match, see
 `RESUME_MAY_DIFFER`) or `overwrite` (delete what a run writes there, then start
 afresh) is set.
+
+Multi-process (one process per host, after `jax.distributed.initialize`): the
+mesh spans `jax.devices()`, all processes' devices; each process loads only the
+block of every batch its devices hold (`lm_data.sample_batch_shard`) and the
+global batch is assembled with `jax.make_array_from_process_local_data`; every
+process runs every step and saves/restores its shards of the orbax checkpoints;
+process 0 alone prints, writes metrics.jsonl and config.json, and plots.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import lm_data
@@ -344,8 +352,13 @@ def model_config(cfg: TrainConfig, mesh: Mesh | None = None) -> TransNormerConfi
 
 
 def make_mesh(cfg: TrainConfig, devices=None) -> Mesh:
-    """("data",) over the devices, or ("data", "seq") with seq = cfg.seq_parallel > 1."""
-    devices = np.array(jax.local_devices() if devices is None else devices)
+    """("data",) over the devices, or ("data", "seq") with seq = cfg.seq_parallel > 1.
+
+    devices: default `jax.devices()`, every process's devices (the local ones in a
+    single-process run), in jax's order: by process, so "seq" groups the devices of
+    one host where seq_parallel divides its device count, and spans hosts otherwise.
+    """
+    devices = np.array(jax.devices() if devices is None else devices)
     sp = cfg.seq_parallel
     if isinstance(sp, bool) or not isinstance(sp, (int, np.integer)) or sp < 1:
         raise ValueError(f"seq_parallel must be a positive int, got {sp!r}")
@@ -417,6 +430,10 @@ class Trainer:
         # Tokens [B, T]: the batch over "data", the sequence over "seq" (if any).
         seq = "seq" if "seq" in self.mesh.axis_names else None
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data", seq))
+        # The block of every [B, T] token batch that this process's devices hold.
+        self.local_rows, self.local_tokens = process_local_block(
+            self.batch_sharding, (cfg.batch_size, cfg.seq_len)
+        )
         replicated = NamedSharding(self.mesh, PartitionSpec())
         state = dict(params=params, opt_state=self.optimizer.init(params))
         # One sharding for the state in and out, so the second step reuses the first's compile.
@@ -437,33 +454,61 @@ class Trainer:
         params = optax.apply_updates(state["params"], updates)
         return dict(params=params, opt_state=opt_state), loss
 
+    def _global(self, local: np.ndarray) -> jax.Array:
+        """This process's block [rows, tokens] -> the global [B, T] array (all processes)."""
+        return jax.make_array_from_process_local_data(
+            self.batch_sharding, local, (self.cfg.batch_size, self.cfg.seq_len)
+        )
+
     def batch(self, data: np.ndarray, step: int):
-        inputs, targets = lm_data.sample_batch(
-            data, self.cfg.batch_size, self.cfg.seq_len, self.cfg.seed, step
+        """Global (inputs, targets) [B, T] of the step; this process loads only its block."""
+        inputs, targets = lm_data.sample_batch_shard(
+            data,
+            self.cfg.batch_size,
+            self.cfg.seq_len,
+            self.cfg.seed,
+            step,
+            self.local_rows,
+            self.local_tokens,
         )
-        return (
-            jax.device_put(inputs, self.batch_sharding),
-            jax.device_put(targets, self.batch_sharding),
-        )
+        return self._global(inputs), self._global(targets)
 
     def step(self, data: np.ndarray, step: int) -> float:
         self.state, loss = self.train_step(self.state, *self.batch(data, step))
         return loss
 
     def evaluate(self, held_out: np.ndarray) -> float:
+        block = (self.local_rows, self.local_tokens)
         losses = [
             float(
-                self.eval_step(
-                    self.state["params"],
-                    jax.device_put(x, self.batch_sharding),
-                    jax.device_put(y, self.batch_sharding),
-                )
+                self.eval_step(self.state["params"], self._global(x[block]), self._global(y[block]))
             )
             for x, y in lm_data.eval_batches(
                 held_out, self.cfg.batch_size, self.cfg.seq_len, self.cfg.eval_batches
             )
         ]
         return float(np.mean(losses))
+
+
+def process_local_block(sharding: NamedSharding, shape: tuple[int, int]) -> tuple[slice, slice]:
+    """(rows, tokens): the block of a [B, T] array that this process's devices hold.
+
+    The union of the process's shards must be one rectangle (it is for meshes
+    built from `jax.devices()` in order); a process holding scattered pieces
+    would need a gather of its own, so that raises.
+    """
+    shards = {  # distinct (start, stop) per dimension; replicas hold the same one
+        tuple(part.indices(size)[:2] for part, size in zip(index, shape))
+        for index in sharding.addressable_devices_indices_map(shape).values()
+    }
+    block = [slice(min(d[0] for d in dims), max(d[1] for d in dims)) for dims in zip(*shards)]
+    volume = math.prod(part.stop - part.start for part in block)
+    if sum(math.prod(stop - start for start, stop in shard) for shard in shards) != volume:
+        raise ValueError(
+            f"the devices of process {jax.process_index()} hold scattered pieces of the "
+            f"{list(shape)} batch, not one block; order the mesh's devices by process"
+        )
+    return block[0], block[1]
 
 
 def _checkpoint_manager(workdir: str):
@@ -492,15 +537,31 @@ def _restore(manager, state):
     return step, manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
+def _sync(name: str) -> None:
+    """A barrier across processes (nothing to wait for in a single-process run)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"lm_train: {name}")
+
+
 def train(cfg: TrainConfig, corpus: lm_data.Corpus | None = None, verbose: bool = True) -> dict:
     """Runs (or resumes) one training run; returns its summary and metric records.
+
+    In a multi-process run every process calls this with the same cfg (after
+    `jax.distributed.initialize`); process 0 alone prints, writes the metrics,
+    config and plot, and returns the records (the others return none).
 
     Raises:
       ConfigError: an unusable field (`validate_config`, `validate_corpus`) or workdir
         (`check_workdir`), before any training.
     """
     validate_config(cfg)
-    prepare_workdir(cfg)
+    lead = jax.process_index() == 0
+    # Every process checks the workdir before process 0 clears or writes anything in it.
+    check_workdir(cfg)
+    _sync("workdir checked")
+    if lead:
+        prepare_workdir(cfg)
+    _sync("workdir prepared")
     corpus = corpus or lm_data.load_corpus(cfg.data, max_bytes=cfg.max_corpus_bytes)
     validate_corpus(cfg, corpus)
     trainer = Trainer(cfg)
@@ -509,20 +570,31 @@ def train(cfg: TrainConfig, corpus: lm_data.Corpus | None = None, verbose: bool 
     metrics_path = Path(cfg.workdir) / "metrics.jsonl"
     if cfg.resume:
         start, trainer.state = _restore(manager, trainer.state)
-        # Records logged after the checkpoint (an interrupted run) are redone.
-        kept = [r for r in read_metrics(metrics_path) if r["step"] <= start]
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-    with open(Path(cfg.workdir) / "config.json", "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=1)
+        if lead:  # records logged after the checkpoint (an interrupted run) are redone
+            kept = [r for r in read_metrics(metrics_path) if r["step"] <= start]
+            with open(metrics_path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+    if lead:
+        with open(Path(cfg.workdir) / "config.json", "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=1)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     window_start, window_steps = time.perf_counter(), 0
-    if verbose:
+    if verbose and jax.process_count() > 1:  # every process: which block it loads
+        rows, tokens = trainer.local_rows, trainer.local_tokens
+        print(
+            f"[{cfg.mixer}] process {jax.process_index()}/{jax.process_count()}: "
+            f"{len(jax.local_devices())} local device(s); loads rows {rows.start}:{rows.stop}, "
+            f"tokens {tokens.start}:{tokens.stop} of every [{cfg.batch_size}, {cfg.seq_len}] "
+            "batch",
+            flush=True,
+        )
+    if verbose and lead:
         print(
             f"[{cfg.mixer}] {corpus.num_files} files, {corpus.train.size:,} train / "
             f"{corpus.held_out.size:,} held-out bytes from {corpus.source}; "
-            f"{len(jax.local_devices())} device(s), mesh {dict(trainer.mesh.shape)}; "
-            f"steps {start}..{cfg.steps}"
+            f"{jax.device_count()} device(s) in {jax.process_count()} process(es), "
+            f"mesh {dict(trainer.mesh.shape)}; steps {start}..{cfg.steps}",
+            flush=True,
         )
     for step in range(start, cfg.steps):
         loss = trainer.step(corpus.train, step)
@@ -544,7 +616,7 @@ def train(cfg: TrainConfig, corpus: lm_data.Corpus | None = None, verbose: bool 
             record = record or dict(step=done, train_loss=float(loss), tokens_per_sec=None)
             record.update(eval_loss=eval_loss, eval_bpb=eval_loss / math.log(2))
             window_start = time.perf_counter()  # evaluation is not training time
-        if record is not None:
+        if record is not None and lead:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if verbose:
@@ -552,7 +624,7 @@ def train(cfg: TrainConfig, corpus: lm_data.Corpus | None = None, verbose: bool 
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _save(manager, done, trainer.state)
     manager.close()
-    all_records = read_metrics(metrics_path)
+    all_records = read_metrics(metrics_path) if lead else []
     if cfg.plot and all_records:
         plot_losses({cfg.mixer: all_records}, Path(cfg.workdir) / "loss.png")
     return dict(config=dataclasses.asdict(cfg), records=all_records, state=trainer.state)

@@ -25,6 +25,14 @@ devices / S x S; lightning mixer only), for sequences longer than one device hol
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
     python experiments/train_lm.py --seq_parallel=4 --seq_len=1024 --batch_size=4
+
+Several hosts (JAX's distributed runtime, one process per host, the same command
+on each with its own --process_id; the mesh spans every host's devices, --workdir
+must be one directory all hosts see):
+
+  python experiments/train_lm.py --coordinator_address=HOST0:1234 --num_processes=N \
+    --process_id=I --workdir=/shared/run
+  python experiments/train_lm.py --distributed ...   # TPU pod slice / SLURM: detected
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+import jax
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -72,6 +81,21 @@ flags.DEFINE_string(
 )
 flags.DEFINE_bool("resume", False, "Continue the run in --workdir (it must hold a checkpoint).")
 flags.DEFINE_bool("overwrite", False, "Delete the run in --workdir first, then start afresh.")
+flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize (implied by the three flags below; alone: the cluster "
+    "(TPU pod slice, SLURM, ...) is detected).",
+)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator.")
+flags.DEFINE_integer("num_processes", None, "Processes in the run (one per host).")
+flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.")
+flags.DEFINE_integer(
+    "heartbeat_timeout_seconds",
+    None,
+    "Seconds without a heartbeat after which the coordinator declares a process dead and the "
+    "others stop with an error (jax's default: 100).",
+)
 
 _OVERRIDES = (
     "mixer steps seq_len batch_size num_layers embed_dim num_heads learning_rate warmup_steps "
@@ -99,6 +123,36 @@ def describe_presets() -> str:
 
 
 __doc__ += describe_presets()
+
+
+def init_distributed() -> None:
+    """jax.distributed.initialize from the flags, before anything touches a device.
+
+    Raises:
+      lm_train.ConfigError: a distributed flag out of range (one line naming it).
+    """
+    given = {
+        name: getattr(FLAGS, name)
+        for name in ("coordinator_address", "num_processes", "process_id")
+        if getattr(FLAGS, name) is not None
+    }
+    if not (given or FLAGS.distributed or FLAGS.heartbeat_timeout_seconds is not None):
+        return
+    if FLAGS.heartbeat_timeout_seconds is not None:
+        if FLAGS.heartbeat_timeout_seconds < 1:
+            raise lm_train.ConfigError(
+                f"--heartbeat_timeout_seconds must be >= 1, got {FLAGS.heartbeat_timeout_seconds}"
+            )
+        given["heartbeat_timeout_seconds"] = FLAGS.heartbeat_timeout_seconds
+    if FLAGS.num_processes is not None and FLAGS.num_processes < 1:
+        raise lm_train.ConfigError(f"--num_processes must be >= 1, got {FLAGS.num_processes}")
+    if FLAGS.process_id is not None and FLAGS.num_processes is not None:
+        if not 0 <= FLAGS.process_id < FLAGS.num_processes:
+            raise lm_train.ConfigError(
+                f"--process_id must be in [0, --num_processes={FLAGS.num_processes}), "
+                f"got {FLAGS.process_id}"
+            )
+    jax.distributed.initialize(**given)
 
 
 def config_from_flags() -> lm_train.TrainConfig:
@@ -145,9 +199,9 @@ def validate_flags(cfg: lm_train.TrainConfig) -> tuple[list[lm_train.TrainConfig
     for run in runs:
         lm_train.check_workdir(run)
 
-    import jax  # the device count initialises a backend: after the cheap checks
-
-    lm_train.validate_config(cfg, num_devices=len(jax.local_devices()))
+    # The device count initialises a backend: after the cheap checks. Every process's
+    # devices: the mesh spans them all.
+    lm_train.validate_config(cfg, num_devices=len(jax.devices()))
     try:
         corpus = lm_data.load_corpus(cfg.data, max_bytes=cfg.max_corpus_bytes)
     except ValueError as err:
@@ -176,6 +230,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     try:
         cfg = config_from_flags()
+        init_distributed()  # before validate_flags counts the devices
         runs, corpus = validate_flags(cfg)
     except lm_train.ConfigError as err:
         usage_error(str(err))
@@ -184,9 +239,12 @@ def main(argv):
         lm_train.clear_run(cfg.workdir)
     if not FLAGS.compare:
         lm_train.train(cfg, corpus)
-        print(f"wrote {cfg.workdir}/metrics.jsonl and {cfg.workdir}/loss.png")
+        if jax.process_index() == 0:
+            print(f"wrote {cfg.workdir}/metrics.jsonl and {cfg.workdir}/loss.png")
         return
     runs = {run.mixer: lm_train.train(run, corpus)["records"] for run in runs}
+    if jax.process_index() != 0:  # process 0 plots and reports
+        return
     out = Path(cfg.workdir) / "compare.png"
     lm_train.plot_losses(runs, out, title="lightning vs softmax, same data and budget")
     for mixer, records in runs.items():

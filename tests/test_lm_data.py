@@ -73,6 +73,24 @@ def test_batches_are_a_function_of_the_step():
     np.testing.assert_array_equal((x1 + 1) % 256, y1)  # the data counts up by one
 
 
+def test_a_batch_shard_is_its_block_of_the_global_batch():
+    """What one process loads: rows x tokens of the step's batch, the same windows."""
+    data = np.arange(50_000, dtype=np.int64).astype(np.uint16).view(np.uint8)  # distinct pairs
+    x, y = lm_data.sample_batch(data, 4, 16, seed=3, step=7)
+    starts = np.random.default_rng([3, 7]).integers(0, data.size - 16, size=4)
+    np.testing.assert_array_equal(x, np.stack([data[s : s + 16] for s in starts]))
+    blocks = [(slice(0, 2), slice(0, 8)), (slice(2, 4), slice(8, 16)), (slice(1, 4), slice(3, 9))]
+    for rows, tokens in blocks:
+        xs, ys = lm_data.sample_batch_shard(data, 4, 16, 3, 7, rows, tokens)
+        assert xs.shape == (rows.stop - rows.start, tokens.stop - tokens.start)
+        np.testing.assert_array_equal(xs, x[rows, tokens])
+        np.testing.assert_array_equal(ys, y[rows, tokens])
+    with pytest.raises(ValueError, match="tokens must be a contiguous slice"):
+        lm_data.sample_batch_shard(data, 4, 16, 3, 7, slice(0, 4), slice(8, 17))
+    with pytest.raises(ValueError, match="rows must be a contiguous slice"):
+        lm_data.sample_batch_shard(data, 4, 16, 3, 7, slice(0, 4, 2), slice(0, 16))
+
+
 def test_eval_batches_are_consecutive_windows():
     data = np.arange(100, dtype=np.uint8)
     batches = list(lm_data.eval_batches(data, 2, 9, max_batches=10))

@@ -33,47 +33,86 @@ most 256), the sequence walk is sequential inside the program.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels._common import round_up
+from pallas_kernels._common import flatten_and_pad, kernel_op, round_up, unpad
 
 DEFAULT_BLOCK = 64  # rows per block: wgmma's M granularity
-MAX_BLOCK = 128
 TILE = 64  # columns of Z (and of the state) per program
 DIM_ALIGN = 64  # d and e are zero-padded to a multiple of this (exact)
 MAX_DIM = 256  # wgmma N <= 256 and the state tile's registers
 SWIZZLE_BYTES = 128
 STATE_ROWS = 64  # rows of the state updated per wgmma
+DEFAULT_NUM_SMS = 132  # H100 SXM and H200
+MIN_SPLIT_BLOCKS = 8  # blocks per sequence split, at least
 
 
-def interpret_params():
-    """`InterpretGPUParams(detect_races=True)`: Mosaic GPU's CPU interpreter (private API).
+def _interpreter():
+    """Mosaic GPU's CPU interpreter (private in jax 0.10.2): (InterpretGPUParams, its module).
+
+    Every use of the private API goes through here.
 
     Raises:
-      ImportError: naming the module when jax moved or removed it.
+      ImportError: naming the modules, when jax moved or removed them.
     """
     try:
+        from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
     except ImportError as err:  # pragma: no cover - depends on the installed jax
         raise ImportError(
-            "impl='mosaic_gpu' with interpret=True needs Mosaic GPU's interpreter, "
-            "jax._src.pallas.mosaic_gpu.interpret.params.InterpretGPUParams (private; present "
-            f"in jax 0.10.2); this jax ({jax.__version__}) does not have it"
+            "impl='mosaic_gpu' with interpret=True needs Mosaic GPU's interpreter "
+            "(jax._src.pallas.mosaic_gpu.interpret.params.InterpretGPUParams and "
+            "jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call, private modules of "
+            f"jax 0.10.2); this jax ({jax.__version__}) does not have them"
         ) from err
-    return InterpretGPUParams(detect_races=True)
+    return InterpretGPUParams, interpret_pallas_call
 
 
-def races_found() -> bool:
-    """Whether the interpreter's race detector has seen a data race since the last reset."""
-    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+def interpret_params():
+    """`InterpretGPUParams` with the race detector on."""
+    params_cls, _ = _interpreter()
+    return params_cls(detect_races=True)
 
-    return bool(get_races().races_found)
+
+@contextlib.contextmanager
+def recording_races():
+    """Collects the race-detection state of every kernel the interpreter runs meanwhile.
+
+    The interpreter keeps only the latest kernel's state (it starts a new one per
+    kernel), so checking `get_races()` after an op with several kernels would miss
+    races in all but the last. Yields a list that fills with those states; a
+    state's `races_found` is True when its kernel raced.
+    """
+    _, module = _interpreter()
+    callbacks = module.gpu_callbacks
+    base = callbacks.RaceDetectionState
+    states = []
+
+    class Recorded(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            states.append(self)
+
+    callbacks.RaceDetectionState = Recorded
+    try:
+        yield states
+    finally:
+        callbacks.RaceDetectionState = base
+
+
+def reset_interpreter() -> None:
+    """Clears the interpreter's state (and its race record); needed after a kernel raised."""
+    _, module = _interpreter()
+    module.reset_gpu_interpret_mode_state()
 
 
 def _smem(shape, dtype):
@@ -83,24 +122,21 @@ def _smem(shape, dtype):
     return plgpu.SMEM(shape, dtype, transforms=transforms)
 
 
-def _sweep_kernel(
-    slope_ref,
-    x_ref,
-    yt_ref,
-    z_ref,
-    state0_ref,
-    out_ref,
-    state_ref,
-    *,
-    block: int,
-    seq_len: int,
-    reverse: bool,
-    interpret: bool,
-):
-    """One program: group g, Z-column tile t; walks every block of the sequence."""
-    dtype = x_ref.dtype
-    width = x_ref.shape[-1]  # A: the contraction width of X @ state
-    num_blocks = x_ref.shape[1] // block
+def _sweep_kernel(*refs, block: int, reverse: bool, state_only: bool, interpret: bool):
+    """One program: group g, Z-column tile t; walks every block of its sequence.
+
+    refs: params [G, block] f32 (slope, real length), X [G, N, A] (absent when
+    state_only), Yt [G, A, N], Z [G, N, Zc], state0 [G, A, Zc] f32; outputs: out
+    [G, N, Zc] (absent when state_only), final state [G, A, Zc] f32.
+    """
+    if state_only:
+        params_ref, yt_ref, z_ref, state0_ref, state_ref = refs
+        x_ref = out_ref = None
+    else:
+        params_ref, x_ref, yt_ref, z_ref, state0_ref, out_ref, state_ref = refs
+    dtype = z_ref.dtype
+    width = yt_ref.shape[1]  # A: rows of the state
+    num_blocks = yt_ref.shape[-1] // block
     g = lax.axis_index("g")
     cols = pl.ds(lax.axis_index("t") * TILE, TILE)
     state_chunks = [pl.ds(i, STATE_ROWS) for i in range(0, width, STATE_ROWS)]
@@ -111,29 +147,32 @@ def _sweep_kernel(
         # layout_cast rule (jax 0.10.2), and needs none.
         return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)
 
-    def scoped(x_s, yt_s, z_s, p_s, st_s, zs_s, o_s, f32_s, mask_s, dec_s, slope_s, barriers):
-        plgpu.copy_gmem_to_smem(slope_ref.at[g], slope_s, barriers.at[0])
+    def scoped(x_s, yt_s, z_s, p_s, st_s, zs_s, o_s, f32_s, mask_s, dec_s, params_s, barriers):
+        plgpu.copy_gmem_to_smem(params_ref.at[g], params_s, barriers.at[0])
         plgpu.copy_gmem_to_smem(state0_ref.at[g, :, cols], f32_s, barriers.at[1])
         plgpu.barrier_wait(barriers.at[0])
         plgpu.barrier_wait(barriers.at[1])
-        slope = slope_s[0]
+        slope = params_s[0]
+        seq_len = params_s[1].astype(jnp.int32)  # real rows of this group's sequence
         # The decays shared by every block live in shared memory: held in registers
         # across the loop they would crowd out the state (ptxas spills).
-        r = iota((block, block), 0)
-        q = iota((block, block), 1)
-        gap = (q - r) if reverse else (r - q)
-        mask_s[...] = jnp.where(
-            gap >= 0, jnp.exp(-slope * jnp.maximum(gap, 0).astype(jnp.float32)), 0.0
-        )
         dec_s[...] = jnp.exp(-slope * (iota((block, TILE), 0) + 1).astype(jnp.float32))
-        for rs in state_chunks:
-            st_s[rs] = f32_s[rs].astype(dtype)
+        if not state_only:
+            r = iota((block, block), 0)
+            q = iota((block, block), 1)
+            gap = (q - r) if reverse else (r - q)
+            mask_s[...] = jnp.where(
+                gap >= 0, jnp.exp(-slope * jnp.maximum(gap, 0).astype(jnp.float32)), 0.0
+            )
+            for rs in state_chunks:
+                st_s[rs] = f32_s[rs].astype(dtype)
         plgpu.commit_smem()
 
         def body(step, carry):
             c = num_blocks - 1 - step if reverse else step
             rows = pl.ds(c * block, block)
-            plgpu.copy_gmem_to_smem(x_ref.at[g, rows, :], x_s, barriers.at[0])
+            if not state_only:
+                plgpu.copy_gmem_to_smem(x_ref.at[g, rows, :], x_s, barriers.at[0])
             plgpu.copy_gmem_to_smem(yt_ref.at[g, :, rows], yt_s, barriers.at[1])
             plgpu.copy_gmem_to_smem(z_ref.at[g, rows, cols], z_s, barriers.at[2])
             length = jnp.clip(seq_len - c * block, 0, block)  # real rows in this block
@@ -145,33 +184,37 @@ def _sweep_kernel(
             out_dec, upd_dec = (k_dec, q_dec) if reverse else (q_dec, k_dec)
             state_dec = jnp.exp(-slope * length.astype(jnp.float32))
 
-            plgpu.barrier_wait(barriers.at[0])
             plgpu.barrier_wait(barriers.at[1])
+            if not state_only:
+                plgpu.barrier_wait(barriers.at[0])
 
-            def scores_mm(acc):
-                plgpu.wgmma(acc, x_s, yt_s)
-                return acc[...]
+                def scores_mm(acc):
+                    plgpu.wgmma(acc, x_s, yt_s)
+                    return acc[...]
 
-            scores = pl.run_scoped(scores_mm, plgpu.ACC((block, block), jnp.float32))
-            p_s[...] = (scores * mask_s[...]).astype(dtype)
-            plgpu.commit_smem()
+                scores = pl.run_scoped(scores_mm, plgpu.ACC((block, block), jnp.float32))
+                p_s[...] = (scores * mask_s[...]).astype(dtype)
+                plgpu.commit_smem()
             plgpu.barrier_wait(barriers.at[2])
 
-            def out_mm(acc_intra, acc_inter):
-                plgpu.wgmma(acc_intra, p_s, z_s)
-                plgpu.wgmma(acc_inter, x_s, st_s)
-                return acc_intra[...], acc_inter[...]
+            if not state_only:
 
-            intra, inter = pl.run_scoped(
-                out_mm,
-                plgpu.ACC((block, TILE), jnp.float32),
-                plgpu.ACC((block, TILE), jnp.float32),
-            )
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_s is free again
-            o_s[...] = (intra + out_dec * inter).astype(dtype)
+                def out_mm(acc_intra, acc_inter):
+                    plgpu.wgmma(acc_intra, p_s, z_s)
+                    plgpu.wgmma(acc_inter, x_s, st_s)
+                    return acc_intra[...], acc_inter[...]
+
+                intra, inter = pl.run_scoped(
+                    out_mm,
+                    plgpu.ACC((block, TILE), jnp.float32),
+                    plgpu.ACC((block, TILE), jnp.float32),
+                )
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_s is free again
+                o_s[...] = (intra + out_dec * inter).astype(dtype)
             zs_s[...] = (z_s[...].astype(jnp.float32) * upd_dec).astype(dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_s, out_ref.at[g, rows, cols])
+            if not state_only:
+                plgpu.copy_smem_to_gmem(o_s, out_ref.at[g, rows, cols])
 
             # The state lives in shared memory (float32, and in the input dtype as
             # the next block's wgmma operand), updated 64 rows at a time so that
@@ -185,7 +228,8 @@ def _sweep_kernel(
                 update = pl.run_scoped(state_mm, plgpu.ACC((STATE_ROWS, TILE), jnp.float32))
                 state = state_dec * f32_s[rs] + update
                 f32_s[rs] = state
-                st_s[rs] = state.astype(dtype)
+                if not state_only:
+                    st_s[rs] = state.astype(dtype)
             plgpu.commit_smem()
             return carry
 
@@ -193,42 +237,261 @@ def _sweep_kernel(
         plgpu.copy_smem_to_gmem(f32_s, state_ref.at[g, :, cols])
         plgpu.wait_smem_to_gmem(0)
 
+    x_width = x_ref.shape[-1] if x_ref is not None else width
     pl.run_scoped(
         scoped,
-        _smem((block, width), dtype),  # x_s
+        None if state_only else _smem((block, x_width), dtype),  # x_s
         _smem((width, block), dtype),  # yt_s
         _smem((block, TILE), dtype),  # z_s
-        _smem((block, block), dtype),  # p_s: masked scores
-        _smem((width, TILE), dtype),  # st_s: the state, as a wgmma operand
+        None if state_only else _smem((block, block), dtype),  # p_s: masked scores
+        None if state_only else _smem((width, TILE), dtype),  # st_s: state as an operand
         _smem((block, TILE), dtype),  # zs_s: decayed Z
-        _smem((block, TILE), dtype),  # o_s: output staging
-        _smem((width, TILE), jnp.float32),  # f32_s: state in / out
-        _smem((block, block), jnp.float32),  # mask_s: the decay mask
+        None if state_only else _smem((block, TILE), dtype),  # o_s: output staging
+        _smem((width, TILE), jnp.float32),  # f32_s: the state
+        None if state_only else _smem((block, block), jnp.float32),  # mask_s: decay mask
         _smem((block, TILE), jnp.float32),  # dec_s: lambda^(i+1) per row
-        plgpu.SMEM((block,), jnp.float32),  # slope_s
+        plgpu.SMEM((block,), jnp.float32),  # params_s
         plgpu.Barrier(num_barriers=3),
     )
 
 
-def _sweep(x, yt, z, slope_rows, state0, *, block, seq_len, reverse, interpret):
-    """out [G, N, Z], final state [G, A, Z] float32 of one pass (module docstring)."""
-    groups, _, width = x.shape
+def _sweep(params, x, yt, z, state0, *, block, reverse, interpret):
+    """out [G, N, Zc] (None when x is None: state only) and final state [G, A, Zc] f32.
+
+    params [G, block] f32 holds each group's slope and real sequence length.
+    """
+    groups, width, _ = yt.shape
     z_cols = z.shape[-1]
+    state_only = x is None
     kernel = functools.partial(
         _sweep_kernel,
         block=block,
-        seq_len=seq_len,
         reverse=reverse,
+        state_only=state_only,
         interpret=bool(interpret),
     )
-    return plgpu.kernel(
+    state_type = jax.ShapeDtypeStruct((groups, width, z_cols), jnp.float32)
+    out_type = (state_type,) if state_only else (jax.ShapeDtypeStruct(z.shape, z.dtype), state_type)
+    name = "lightning_states" if state_only else "lightning_sweep"
+    outs = plgpu.kernel(
         kernel,
-        out_type=(
-            jax.ShapeDtypeStruct(z.shape, x.dtype),
-            jax.ShapeDtypeStruct((groups, width, z_cols), jnp.float32),
-        ),
+        out_type=out_type,
         grid=(groups, z_cols // TILE),
         grid_names=("g", "t"),
         interpret=interpret_params() if interpret else False,
-        kernel_name="lightning_sweep_reverse" if reverse else "lightning_sweep",
-    )(slope_rows, x, yt, z, state0)
+        kernel_name=name + ("_reverse" if reverse else ""),
+    )(*((params, yt, z, state0) if state_only else (params, x, yt, z, state0)))
+    return (None, outs[0]) if state_only else tuple(outs)
+
+
+class Tiling(NamedTuple):
+    """Static tiling of one call: rows per block and sequence splits (each of `blocks` blocks)."""
+
+    block: int
+    splits: int
+    split_blocks: int
+
+
+def _num_sms() -> int:
+    """Streaming multiprocessors of the default GPU; 132 (H100 SXM / H200) without one."""
+    device = jax.devices()[0]
+    cores = getattr(device, "core_count", None) if device.platform == "gpu" else None
+    return int(cores) if cores else DEFAULT_NUM_SMS
+
+
+def choose_tiling(groups: int, e: int, n: int, splits: int | None = None) -> Tiling:
+    """Sequence splits so that small batch x heads still fill the GPU.
+
+    With fewer programs than SMs (groups x e-tiles < SMs), the sequence is split
+    into pieces of at least MIN_SPLIT_BLOCKS blocks until there are about two
+    programs per SM; each split costs one extra state-only pass. `splits`
+    forces a count (capped at one block per split).
+    """
+    block = DEFAULT_BLOCK
+    num_blocks = -(-n // block)
+    programs = groups * (round_up(e, DIM_ALIGN) // TILE)
+    if splits is None:
+        sms = _num_sms()
+        splits = 1
+        if programs < sms:
+            splits = min(-(-2 * sms // programs), num_blocks // MIN_SPLIT_BLOCKS)
+    splits = max(1, min(splits, num_blocks))
+    split_blocks = -(-num_blocks // splits)
+    return Tiling(block, -(-num_blocks // split_blocks), split_blocks)
+
+
+def _params(slopes, tiling: Tiling, seq_len: int) -> jax.Array:
+    """[G * S, block] float32: each split's slope (column 0) and real length (column 1)."""
+    split_rows = tiling.block * tiling.split_blocks
+    lengths = np.clip(seq_len - np.arange(tiling.splits) * split_rows, 0, split_rows)
+    params = jnp.zeros((slopes.shape[0] * tiling.splits, tiling.block), jnp.float32)
+    params = params.at[:, 0].set(jnp.repeat(slopes.astype(jnp.float32), tiling.splits))
+    return params.at[:, 1].set(jnp.tile(jnp.asarray(lengths, jnp.float32), slopes.shape[0]))
+
+
+def _combine(local, boundary, slopes, tiling: Tiling, seq_len: int, reverse: bool):
+    """States at every split boundary from each split's local state (an XLA scan over S).
+
+    local [G * S, A, Z]: the state each split adds, starting from zero.
+    boundary [G, A, Z]: the state entering the first split (the last when reverse).
+    Returns the entering state of every split [G * S, A, Z] and the state leaving
+    the last (first when reverse) split [G, A, Z].
+    """
+    groups, width, cols = boundary.shape
+    split_rows = tiling.block * tiling.split_blocks
+    lengths = np.clip(seq_len - np.arange(tiling.splits) * split_rows, 0, split_rows)
+    decays = jnp.exp(-slopes.astype(jnp.float32)[None, :] * jnp.asarray(lengths)[:, None])
+    local = jnp.moveaxis(local.reshape(groups, tiling.splits, width, cols), 1, 0)
+
+    def step(state, xs):
+        local_s, decay_s = xs
+        return decay_s[:, None, None] * state + local_s, state
+
+    leaving, entering = lax.scan(step, boundary, (local, decays), reverse=reverse)
+    return jnp.moveaxis(entering, 0, 1).reshape(-1, width, cols), leaving
+
+
+def _split(x: jax.Array, tiling: Tiling) -> jax.Array:
+    """[G, N, c] -> [G * S, N / S, c]: each split of the sequence as its own group (free)."""
+    groups, rows, cols = x.shape
+    return x.reshape(groups * tiling.splits, rows // tiling.splits, cols)
+
+
+def _t(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, 1, 2)
+
+
+def _entering_states(params, yt, z, boundary, slopes, tiling, seq_len, interpret, reverse):
+    """The state entering each split: a state-only pass, then `_combine`."""
+    if tiling.splits == 1:
+        return boundary, None
+    zeros = jnp.zeros((yt.shape[0], yt.shape[1], z.shape[-1]), jnp.float32)
+    _, local = _sweep(
+        params, None, yt, z, zeros, block=tiling.block, reverse=reverse, interpret=interpret
+    )
+    return _combine(local, boundary, slopes, tiling, seq_len, reverse)
+
+
+def _forward(q, k, v, slopes, s0, tiling, seq_len, interpret):
+    """Padded [G, N, Dp] operands -> o [G, N, Ep], final state [G, Dp, Ep] float32."""
+    params = _params(slopes, tiling, seq_len)
+    kt, vs = _t(_split(k, tiling)), _split(v, tiling)
+    starts, final = _entering_states(
+        params, kt, vs, s0, slopes, tiling, seq_len, interpret, reverse=False
+    )
+    o, last = _sweep(
+        params,
+        _split(q, tiling),
+        kt,
+        vs,
+        starts,
+        block=tiling.block,
+        reverse=False,
+        interpret=interpret,
+    )
+    return o.reshape(v.shape), last if final is None else final
+
+
+def _backward(q, k, v, slopes, s0, do, dstate, tiling, seq_len, interpret):
+    """Algorithm 2 in three passes (module docstring): dQ forward; dV and dK in reverse."""
+    params = _params(slopes, tiling, seq_len)
+    sweep = functools.partial(_sweep, block=tiling.block, interpret=interpret)
+    states = functools.partial(
+        _entering_states, slopes=slopes, tiling=tiling, seq_len=seq_len, interpret=interpret
+    )
+    qs, ks, vs, dos = (_split(x, tiling) for x in (q, k, v, do))
+    vt, qt = _t(vs), _t(qs)
+    starts_t, _ = states(params, vt, ks, _t(s0), reverse=False)  # KV^T entering each split
+    dq, _ = sweep(params, dos, vt, ks, starts_t, reverse=False)
+    ends, ds0 = states(params, qt, dos, dstate, reverse=True)  # dKV entering each (from the end)
+    dv, first = sweep(params, ks, qt, dos, ends, reverse=True)
+    dk, _ = sweep(params, vs, _t(dos), qs, _t(ends), reverse=True)
+    ds0 = first if ds0 is None else ds0
+    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), ds0
+
+
+_lightning = kernel_op(_forward, _backward)
+
+PRECISIONS = ("default", "highest")
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "interpret", "precision", "seq_splits"))
+def lightning_attention_mosaic_gpu(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    slopes: jax.Array,
+    initial_state: jax.Array,
+    *,
+    block_size: int | None = None,
+    interpret: bool = False,
+    precision: str = "default",
+    seq_splits: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Pallas/Mosaic GPU Lightning Attention-2 on checked inputs; returns (o, final_state).
+
+    Args:
+      q, k: `[B, H, T, D]`; v: `[B, H, T, E]` (bfloat16 or float16 on the GPU;
+        float32 in the interpreter only, see Raises). D, E <= 256.
+      slopes: float32 `[H]`.
+      initial_state: `[B, H, D, E]`, used in float32.
+      block_size: rows per block, at most 64. The kernel's blocks are always 64
+        rows (wgmma's M); a smaller value is accepted and rounded up, since the
+        block size changes no result beyond rounding.
+      interpret: run the kernels in Mosaic GPU's CPU interpreter (with its race
+        detector on) instead of compiling them for the GPU.
+      precision: "default" or "highest"; the matmul precision for float32
+        inputs (bf16/f16 inputs always multiply in their dtype with float32
+        accumulation).
+      seq_splits: split the sequence into this many pieces, each run by its own
+        programs after a state-only pass (None: `choose_tiling` decides, splitting
+        only when batch x heads leaves SMs idle). Changes no result beyond rounding.
+
+    Returns:
+      o `[B, H, T, E]` in q's dtype and the final state `[B, H, D, E]` float32.
+
+    Raises:
+      ValueError: D or E above 256, block_size above 64, an unknown precision.
+      NotImplementedError: float32 inputs with interpret=False. Hopper's TF32
+        wgmma takes only K-major shared-memory operands, and this kernel's
+        operands are laid out for the 16-bit path (the layout the interpreter
+        can run); neither precision="default" (TF32) nor "highest" is
+        implemented for float32 on the GPU yet. Use bfloat16/float16 inputs or
+        impl="triton".
+    """
+    batch, heads, n, d = q.shape
+    e = v.shape[-1]
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if d > MAX_DIM or e > MAX_DIM:
+        raise ValueError(
+            f"the Mosaic GPU kernel takes d and e up to {MAX_DIM}; got q [..., {d}], v [..., {e}]"
+        )
+    if block_size is not None and block_size > DEFAULT_BLOCK:
+        raise ValueError(
+            f"block_size must be <= {DEFAULT_BLOCK} for the Mosaic GPU kernel (its blocks are "
+            f"{DEFAULT_BLOCK} rows, wgmma's M), got {block_size}"
+        )
+    if seq_splits is not None and seq_splits < 1:
+        raise ValueError(f"seq_splits must be None or >= 1, got {seq_splits}")
+    dtype = q.dtype
+    if dtype == jnp.float32 and not interpret:
+        raise NotImplementedError(
+            f"impl='mosaic_gpu' with float32 inputs (precision={precision!r}) is not implemented "
+            "on the GPU: Hopper's TF32 wgmma needs K-major operands, which this kernel's layout "
+            "does not give. Pass bfloat16/float16 inputs, or use impl='triton'."
+        )
+    tiling = choose_tiling(batch * heads, e, n, seq_splits)
+    k, v = k.astype(dtype), v.astype(dtype)
+    padded = flatten_and_pad(
+        q,
+        k,
+        v,
+        slopes,
+        initial_state,
+        tiling.splits * tiling.split_blocks * tiling.block,
+        round_up(d, DIM_ALIGN),
+        round_up(e, DIM_ALIGN),
+    )
+    o, state = _lightning(*padded, tiling, n, interpret)
+    return unpad(o, state, batch, heads, n, d, e)

@@ -135,8 +135,12 @@ def _sweep_kernel(*refs, block: int, reverse: bool, state_only: bool, interpret:
     else:
         params_ref, x_ref, yt_ref, z_ref, state0_ref, out_ref, state_ref = refs
     dtype = z_ref.dtype
-    width = yt_ref.shape[1]  # A: rows of the state
-    num_blocks = yt_ref.shape[-1] // block
+    # Compiled, Y arrives untransposed ([G, N, A]) and wgmma reads it transposed from
+    # shared memory (free for 16-bit types); the interpreter cannot run transposed
+    # operands (jax 0.10.2), so there the wrapper passes Yt [G, A, N].
+    y_natural = not interpret
+    width = yt_ref.shape[-1] if y_natural else yt_ref.shape[1]  # A: rows of the state
+    num_blocks = z_ref.shape[1] // block
     g = lax.axis_index("g")
     cols = pl.ds(lax.axis_index("t") * TILE, TILE)
     state_chunks = [pl.ds(i, STATE_ROWS) for i in range(0, width, STATE_ROWS)]
@@ -173,7 +177,8 @@ def _sweep_kernel(*refs, block: int, reverse: bool, state_only: bool, interpret:
             rows = pl.ds(c * block, block)
             if not state_only:
                 plgpu.copy_gmem_to_smem(x_ref.at[g, rows, :], x_s, barriers.at[0])
-            plgpu.copy_gmem_to_smem(yt_ref.at[g, :, rows], yt_s, barriers.at[1])
+            y_rows = yt_ref.at[g, rows, :] if y_natural else yt_ref.at[g, :, rows]
+            plgpu.copy_gmem_to_smem(y_rows, yt_s, barriers.at[1])
             plgpu.copy_gmem_to_smem(z_ref.at[g, rows, cols], z_s, barriers.at[2])
             length = jnp.clip(seq_len - c * block, 0, block)  # real rows in this block
 
@@ -189,7 +194,7 @@ def _sweep_kernel(*refs, block: int, reverse: bool, state_only: bool, interpret:
                 plgpu.barrier_wait(barriers.at[0])
 
                 def scores_mm(acc):
-                    plgpu.wgmma(acc, x_s, yt_s)
+                    plgpu.wgmma(acc, x_s, plgpu.transpose_ref(yt_s, (1, 0)) if y_natural else yt_s)
                     return acc[...]
 
                 scores = pl.run_scoped(scores_mm, plgpu.ACC((block, block), jnp.float32))
@@ -222,7 +227,11 @@ def _sweep_kernel(*refs, block: int, reverse: bool, state_only: bool, interpret:
             for rs in state_chunks:
 
                 def state_mm(acc, rs=rs):
-                    plgpu.wgmma(acc, yt_s.at[rs], zs_s)
+                    if y_natural:
+                        y_rows = plgpu.transpose_ref(yt_s.at[:, rs], (1, 0))
+                    else:
+                        y_rows = yt_s.at[rs]
+                    plgpu.wgmma(acc, y_rows, zs_s)
                     return acc[...]
 
                 update = pl.run_scoped(state_mm, plgpu.ACC((STATE_ROWS, TILE), jnp.float32))
@@ -241,7 +250,7 @@ def _sweep_kernel(*refs, block: int, reverse: bool, state_only: bool, interpret:
     pl.run_scoped(
         scoped,
         None if state_only else _smem((block, x_width), dtype),  # x_s
-        _smem((width, block), dtype),  # yt_s
+        _smem((block, width) if y_natural else (width, block), dtype),  # yt_s: Y or Yt
         _smem((block, TILE), dtype),  # z_s
         None if state_only else _smem((block, block), dtype),  # p_s: masked scores
         None if state_only else _smem((width, TILE), dtype),  # st_s: state as an operand
@@ -255,12 +264,14 @@ def _sweep_kernel(*refs, block: int, reverse: bool, state_only: bool, interpret:
     )
 
 
-def _sweep(params, x, yt, z, state0, *, block, reverse, interpret):
+def _sweep(params, x, y, z, state0, *, block, reverse, interpret):
     """out [G, N, Zc] (None when x is None: state only) and final state [G, A, Zc] f32.
 
-    params [G, block] f32 holds each group's slope and real sequence length.
+    params [G, block] f32 holds each group's slope and real sequence length; y is
+    Y [G, N, A], the operand the kernel multiplies transposed (module docstring).
     """
-    groups, width, _ = yt.shape
+    groups, _, width = y.shape
+    yt = _t(y) if interpret else y  # the interpreter takes no transposed operands
     z_cols = z.shape[-1]
     state_only = x is None
     kernel = functools.partial(
@@ -361,13 +372,13 @@ def _t(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 1, 2)
 
 
-def _entering_states(params, yt, z, boundary, slopes, tiling, seq_len, interpret, reverse):
+def _entering_states(params, y, z, boundary, slopes, tiling, seq_len, interpret, reverse):
     """The state entering each split: a state-only pass, then `_combine`."""
     if tiling.splits == 1:
         return boundary, None
-    zeros = jnp.zeros((yt.shape[0], yt.shape[1], z.shape[-1]), jnp.float32)
+    zeros = jnp.zeros((y.shape[0], y.shape[2], z.shape[-1]), jnp.float32)
     _, local = _sweep(
-        params, None, yt, z, zeros, block=tiling.block, reverse=reverse, interpret=interpret
+        params, None, y, z, zeros, block=tiling.block, reverse=reverse, interpret=interpret
     )
     return _combine(local, boundary, slopes, tiling, seq_len, reverse)
 
@@ -375,14 +386,14 @@ def _entering_states(params, yt, z, boundary, slopes, tiling, seq_len, interpret
 def _forward(q, k, v, slopes, s0, tiling, seq_len, interpret):
     """Padded [G, N, Dp] operands -> o [G, N, Ep], final state [G, Dp, Ep] float32."""
     params = _params(slopes, tiling, seq_len)
-    kt, vs = _t(_split(k, tiling)), _split(v, tiling)
+    ks, vs = _split(k, tiling), _split(v, tiling)
     starts, final = _entering_states(
-        params, kt, vs, s0, slopes, tiling, seq_len, interpret, reverse=False
+        params, ks, vs, s0, slopes, tiling, seq_len, interpret, reverse=False
     )
     o, last = _sweep(
         params,
         _split(q, tiling),
-        kt,
+        ks,
         vs,
         starts,
         block=tiling.block,
@@ -400,12 +411,11 @@ def _backward(q, k, v, slopes, s0, do, dstate, tiling, seq_len, interpret):
         _entering_states, slopes=slopes, tiling=tiling, seq_len=seq_len, interpret=interpret
     )
     qs, ks, vs, dos = (_split(x, tiling) for x in (q, k, v, do))
-    vt, qt = _t(vs), _t(qs)
-    starts_t, _ = states(params, vt, ks, _t(s0), reverse=False)  # KV^T entering each split
-    dq, _ = sweep(params, dos, vt, ks, starts_t, reverse=False)
-    ends, ds0 = states(params, qt, dos, dstate, reverse=True)  # dKV entering each (from the end)
-    dv, first = sweep(params, ks, qt, dos, ends, reverse=True)
-    dk, _ = sweep(params, vs, _t(dos), qs, _t(ends), reverse=True)
+    starts_t, _ = states(params, vs, ks, _t(s0), reverse=False)  # KV^T entering each split
+    dq, _ = sweep(params, dos, vs, ks, starts_t, reverse=False)
+    ends, ds0 = states(params, qs, dos, dstate, reverse=True)  # dKV entering each (from the end)
+    dv, first = sweep(params, ks, qs, dos, ends, reverse=True)
+    dk, _ = sweep(params, vs, dos, qs, _t(ends), reverse=True)
     ds0 = first if ds0 is None else ds0
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), ds0
 

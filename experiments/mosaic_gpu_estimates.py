@@ -104,27 +104,35 @@ def roofline_ms(batch: int, heads: int, n: int, d: int, e: int) -> tuple[float, 
 
 def main(argv):
     del argv
-    for batch, heads, n in ((4, 32, 32768), (1, 8, 32768)):
-        d = e = 128
+    shapes = ((4, 32, 32768, 128, 128), (1, 8, 32768, 128, 128))
+    print(f"Estimates: H200 {FLAGS.hbm_tbps} TB/s, {FLAGS.peak_tflops} TFLOP/s, {FLAGS.sms} SMs")
+    print(
+        "\n| shape | kernel | programs (per SM) | blocks / program | HBM B / token "
+        "| FLOP / token | ms | bound |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    totals = []
+    for batch, heads, n, d, e in shapes:
+        label = f"b{batch} h{heads}"
         rows = estimate(batch, heads, n, d, e)
-        fwd_roof, total_roof = roofline_ms(batch, heads, n, d, e)
-        print(f"\nb{batch} h{heads} seq {n} d=e={d} bf16 (estimates, H200 4.8 TB/s, 989 TFLOP/s)\n")
-        print("| kernel | programs (per SM) | blocks/program | HBM B/token | FLOP/token | ms | bound |")
-        print("|---|---|---|---|---|---|---|")
         for r in rows:
             print(
-                f"| {r['kernel']} | {r['programs']} ({r['per_sm']:.1f}) | "
+                f"| {label} | {r['kernel']} | {r['programs']} ({r['per_sm']:.1f}) | "
                 f"{r['blocks_per_program']} | {r['bytes_per_token']:.0f} | "
                 f"{r['flops_per_token']:.0f} | {r['ms']:.2f} | {r['bound']} |"
             )
+        fwd_roof, total_roof = roofline_ms(batch, heads, n, d, e)
         fwd_ms = sum(r["ms"] for r in rows if r["kernel"].startswith("forward"))
         total_ms = sum(r["ms"] for r in rows)
-        print(
-            f"\nforward {fwd_ms:.2f} ms (roofline {fwd_roof:.2f}, x{fwd_ms / fwd_roof:.2f}); "
-            f"forward+backward {total_ms:.2f} ms (roofline {total_roof:.2f}, "
-            f"x{total_ms / total_roof:.2f})"
-        )
         assert math.isfinite(total_ms)
+        totals.append(
+            f"| {label} seq {n} d=e={d} | {fwd_ms:.2f} ms | {fwd_roof:.2f} ms | "
+            f"{fwd_ms / fwd_roof:.2f}x | {total_ms:.2f} ms | {total_roof:.2f} ms | "
+            f"{total_ms / total_roof:.2f}x |"
+        )
+    print("\n| shape | forward | roofline | ratio | forward + backward | roofline | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(totals))
 
 
 if __name__ == "__main__":

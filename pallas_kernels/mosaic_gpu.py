@@ -1,34 +1,39 @@
 """Lightning Attention-2 in Pallas on Mosaic GPU (Hopper and later: wgmma, TMA).
 
 One kernel, `_sweep`, walks the blocks of one (batch, head) in order (or in
-reverse) carrying a float32 state tile in registers, and serves the forward
-pass and all three gradients (Algorithm 2 of DESIGN.md section 3). For
-block c with rows r, a state tile `state` [A, W] and the block's real length L:
+reverse) carrying a float32 state tile, and serves the forward pass and all
+three gradients (Algorithm 2 of DESIGN.md section 3). For block c with rows r,
+a state tile `state` [A, 64] and the block's real length L:
 
-    scores = X_c @ Yt_c                   [C, C], times the decay mask
+    scores = X_c @ Y_c^T                  [C, C], times the decay mask
     out_c  = mask(scores) @ Z_c + out_decay[r] * (X_c @ state)
-    state <- lambda^L * state + Yt_c @ (state_decay[r] * Z_c)
+    state <- lambda^L * state + Y_c^T @ (state_decay[r] * Z_c)
 
-    pass      X    Yt     Z    state       direction  mask       out_decay  state_decay
-    forward   Q    K^T    V    KV  [d, e]  forward    M          lambda^(i+1)  lambda^(L-1-j)
-    dQ        dO   V^T    K    KV^T [e, d] forward    M          lambda^(i+1)  lambda^(L-1-j)
-    dV        K    Q^T    dO   dKV [d, e]  reverse    M^T        lambda^(L-1-j) lambda^(i+1)
-    dK        V    dO^T   Q    dKV^T[e, d] reverse    M^T        lambda^(L-1-j) lambda^(i+1)
+    pass      X    Y      Z    state       direction  mask       out_decay  state_decay
+    forward   Q    K      V    KV  [d, e]  forward    M          lambda^(i+1)  lambda^(L-1-j)
+    dQ        dO   V      K    KV^T [e, d] forward    M          lambda^(i+1)  lambda^(L-1-j)
+    dV        K    Q      dO   dKV [d, e]  reverse    M^T        lambda^(L-1-j) lambda^(i+1)
+    dK        V    dO     Q    dKV^T[e, d] reverse    M^T        lambda^(L-1-j) lambda^(i+1)
 
 (M[i, j] = lambda^(i-j) for i >= j.) The forward's final state is the op's
 final state; the dV pass's final state is the gradient of the initial state.
 Each pass writes its output once, in the input dtype: no partial sums.
 
-Every wgmma operand is in its natural [M, K] / [K, N] layout in shared memory:
-the transposed operands (K^T, V^T, Q^T, dO^T) are transposed by XLA in the
-wrapper, because Mosaic GPU's interpreter (jax 0.10.2) cannot run
-`plgpu.transpose_ref` operands. Float32 inputs: TF32 wgmma needs K-major
-operands, which this layout does not give; they run in the interpreter (exact
-float32) but `interpret=False` refuses them (see `lightning_attention_mosaic_gpu`).
+Compiled, every operand is read from HBM untransposed; wgmma reads Y
+transposed from shared memory (`plgpu.transpose_ref`, free for 16-bit types).
+Mosaic GPU's interpreter (jax 0.10.2) cannot run transposed operands, so in
+interpret mode `_sweep` hands the kernel Y^T made by XLA instead: the same math,
+with every operand in its natural [M, K] / [K, N] layout. Float32 inputs: TF32
+wgmma takes only K-major operands, which this layout does not give; they run in
+the interpreter (exact float32) but `interpret=False` refuses them (see
+`lightning_attention_mosaic_gpu`).
 
-One program per ((batch, head), 64-wide tile of Z's columns): the state tile
-is [A, 64] float32 in registers (A = d or e padded to a multiple of 64, at
-most 256), the sequence walk is sequential inside the program.
+One program per ((batch, head), 64-wide tile of Z's columns), the sequence
+walked in order inside the program, the float32 state tile [A, 64] in shared
+memory (A = d or e padded to a multiple of 64, at most 256). When batch x heads
+leaves SMs idle, the sequence is also split (`choose_tiling`): a state-only
+sweep per split, an XLA scan combining the split states, then every split swept
+in parallel from its entering state.
 """
 
 from __future__ import annotations

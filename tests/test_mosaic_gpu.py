@@ -33,10 +33,13 @@ import pytest
 import lightning_jax as lj
 from lightning_jax import api, reference
 from op_test_base import (
+    BF16_GRAD_TOL,
+    BF16_OUT_TOL,
     CASES,
     F32_TOL,
     LightningOpTestBase,
     assert_close,
+    assert_rms_close,
     case_id,
     loss_and_grads,
     make_inputs,
@@ -201,6 +204,59 @@ def test_lowers_for_cuda(batch, heads):
         assert "mosaic_gpu_v2" in text
         # The walk over the sequence is inside the kernels; XLA loops only over splits.
         assert ("stablehlo.while" in text) == split
+
+
+def _hopper_gpu_missing() -> str | None:
+    """None on a GPU backend of compute capability >= 9.0, else why the device tests skip."""
+    if jax.default_backend() != "gpu":
+        return f"needs an NVIDIA GPU (backend is {jax.default_backend()})"
+    capability = api._compute_capability()
+    if capability is None or capability < api.MOSAIC_GPU_MIN_CAPABILITY:
+        return f"needs compute capability >= 9.0, got {capability}"
+    return None
+
+
+@pytest.mark.skipif(_hopper_gpu_missing() is not None, reason=str(_hopper_gpu_missing()))
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize(
+    "case, splits",
+    [
+        ((2, 3, 1, 16, 16, "alibi", None), None),
+        ((1, 2, 63, 60, 100, "strong", None), None),
+        ((1, 5, 500, 100, 16, "alibi", None), None),
+        ((1, 2, 1023, 64, 128, "strong", None), None),
+        ((1, 2, 130, 256, 64, "one", None), None),
+        ((1, 3, 97, 128, 192, "scalar", None), None),
+        ((1, 2, 4000, 128, 128, "strong", None), 7),
+        ((4, 8, 2048, 128, 128, "alibi", None), None),
+    ],
+    ids=lambda x: case_id(x) if isinstance(x, tuple) else f"splits{x}",
+)
+def test_device_matches_reference(case, splits, dtype):
+    """On a real Hopper GPU: o, state and every gradient against the float32 reference."""
+    b, h, n, d, e, kind, _ = case
+    slopes = make_slopes(kind, h)
+    slopes_h = jnp.broadcast_to(jnp.asarray(0.0 if slopes is None else slopes), (h,))
+    q, k, v, s0, do, ds = make_inputs(12, b, h, n, d, e, dtype)
+
+    def fn(q, k, v, s0):
+        return mosaic_gpu.lightning_attention_mosaic_gpu(
+            q, k, v, slopes_h.astype(jnp.float32), s0, seq_splits=splits
+        )
+
+    o, state = jax.jit(fn)(q, k, v, s0)
+    grads = jax.jit(functools.partial(loss_and_grads, fn))(q, k, v, s0, do, ds)
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+
+    def ref_fn(q, k, v, s0):
+        return reference.naive_attention(q, k, v, slopes, initial_state=s0, return_final_state=True)
+
+    o_ref, state_ref = ref_fn(*up, s0)
+    assert_rms_close(o, o_ref, BF16_OUT_TOL, "o")
+    assert_rms_close(state, state_ref, BF16_OUT_TOL, "final state")
+    ref_grads = loss_and_grads(ref_fn, *up, s0, do, ds)
+    for name, g, g_ref in zip(("dq", "dk", "dv", "ds0"), grads, ref_grads):
+        assert_rms_close(g, g_ref, BF16_GRAD_TOL, name)
 
 
 _COMPILE_SCRIPT = textwrap.dedent(

@@ -59,6 +59,7 @@ SWIZZLE_BYTES = 128
 STATE_ROWS = 64  # rows of the state updated per wgmma
 DEFAULT_NUM_SMS = 132  # H100 SXM and H200
 MIN_SPLIT_BLOCKS = 8  # blocks per sequence split, at least
+MAX_SEQ = 1 << 24  # sequence lengths travel as float32 (exact below 2^24)
 
 
 def _interpreter():
@@ -466,7 +467,8 @@ def lightning_attention_mosaic_gpu(
       o `[B, H, T, E]` in q's dtype and the final state `[B, H, D, E]` float32.
 
     Raises:
-      ValueError: D or E above 256, block_size above 64, an unknown precision.
+      ValueError: D or E above 256, T >= 2^24, block_size above 64, an unknown
+        precision, seq_splits < 1.
       NotImplementedError: float32 inputs with interpret=False. Hopper's TF32
         wgmma takes only K-major shared-memory operands, and this kernel's
         operands are laid out for the 16-bit path (the layout the interpreter
@@ -489,6 +491,8 @@ def lightning_attention_mosaic_gpu(
         )
     if seq_splits is not None and seq_splits < 1:
         raise ValueError(f"seq_splits must be None or >= 1, got {seq_splits}")
+    if n >= MAX_SEQ:  # the kernels read each sequence's length as a float32
+        raise ValueError(f"the Mosaic GPU kernel takes seq < {MAX_SEQ}, got q [..., {n}, {d}]")
     dtype = q.dtype
     if dtype == jnp.float32 and not interpret:
         raise NotImplementedError(

@@ -153,6 +153,18 @@ def test_dims_above_256_are_refused():
         lj.lightning_attention(q, q, v, impl="mosaic_gpu")
 
 
+def test_seq_of_2_pow_24_is_refused():
+    """Sequence lengths reach the kernel as float32; checked on shapes alone (no arrays)."""
+    q = jax.ShapeDtypeStruct((1, 1, 1 << 24, 16), jnp.bfloat16)
+    s0 = jax.ShapeDtypeStruct((1, 1, 16, 16), jnp.float32)
+    with pytest.raises(ValueError, match="seq < 16777216"):
+        jax.eval_shape(
+            lambda q, s0: mosaic_gpu.lightning_attention_mosaic_gpu(q, q, q, jnp.zeros(1), s0),
+            q,
+            s0,
+        )
+
+
 def test_auto_dispatch_with_a_faked_gpu(monkeypatch):
     """auto: triton until gpu_check.sh has passed (MOSAIC_GPU_VALIDATED); then mosaic_gpu
     on compute capability >= 9.0 only."""

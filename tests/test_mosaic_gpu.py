@@ -153,6 +153,13 @@ def test_dims_above_256_are_refused():
         lj.lightning_attention(q, q, v, impl="mosaic_gpu")
 
 
+def test_float64_is_refused():
+    with jax.enable_x64(True):
+        x = jnp.zeros((1, 2, 8, 16), jnp.float64)
+        with pytest.raises(TypeError, match='q is float64.*impl="xla"'):
+            lj.lightning_attention(x, x, x, impl="mosaic_gpu")
+
+
 def test_seq_of_2_pow_24_is_refused():
     """Sequence lengths reach the kernel as float32; checked on shapes alone (no arrays)."""
     q = jax.ShapeDtypeStruct((1, 1, 1 << 24, 16), jnp.bfloat16)

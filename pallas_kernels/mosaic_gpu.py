@@ -59,6 +59,7 @@ SWIZZLE_BYTES = 128
 STATE_ROWS = 64  # rows of the state updated per wgmma
 DEFAULT_NUM_SMS = 132  # H100 SXM and H200
 MIN_SPLIT_BLOCKS = 8  # blocks per sequence split, at least
+SMEM_BUDGET = 200 * 1024  # of Hopper's 227 KB per block, leaving room for alignment
 MAX_SEQ = 1 << 24  # sequence lengths travel as float32 (exact below 2^24)
 
 
@@ -128,6 +129,19 @@ def _smem(shape, dtype):
     return plgpu.SMEM(shape, dtype, transforms=transforms)
 
 
+def _buffer_slots(block: int, x_width: int, width: int, dtype, state_only: bool) -> int:
+    """2 (prefetch the next block's tiles while this one computes) when shared memory
+    allows, else 1. Counts the kernel's shared-memory tiles (bytes)."""
+    item = jnp.dtype(dtype).itemsize
+    per_slot = (0 if state_only else block * x_width * item) + (block * width + block * TILE) * item
+    fixed = (
+        width * TILE * 4  # f32 state
+        + block * TILE * (4 + item)  # decays, decayed Z
+        + (0 if state_only else block * block * (item + 4) + (width + block) * TILE * item)
+    )
+    return 2 if fixed + 2 * per_slot <= SMEM_BUDGET else 1
+
+
 def _sweep_kernel(*refs, block: int, reverse: bool, state_only: bool, interpret: bool):
     """One program: group g, Z-column tile t; walks every block of its sequence.
 
@@ -157,6 +171,9 @@ def _sweep_kernel(*refs, block: int, reverse: bool, state_only: bool, interpret:
         # layout_cast rule (jax 0.10.2), and needs none.
         return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)
 
+    x_width = x_ref.shape[-1] if x_ref is not None else width
+    slots = _buffer_slots(block, x_width, width, dtype, state_only)
+
     def scoped(x_s, yt_s, z_s, p_s, st_s, zs_s, o_s, f32_s, mask_s, dec_s, params_s, barriers):
         plgpu.copy_gmem_to_smem(params_ref.at[g], params_s, barriers.at[0])
         plgpu.copy_gmem_to_smem(state0_ref.at[g, :, cols], f32_s, barriers.at[1])
@@ -178,14 +195,35 @@ def _sweep_kernel(*refs, block: int, reverse: bool, state_only: bool, interpret:
                 st_s[rs] = f32_s[rs].astype(dtype)
         plgpu.commit_smem()
 
+        def load(step):
+            """TMA copies of block `step`'s tiles into buffer slot step % slots."""
+            c = num_blocks - 1 - step if reverse else step
+            rows = pl.ds(c * block, block)
+            slot = lax.rem(step, slots)
+            if not state_only:
+                plgpu.copy_gmem_to_smem(x_ref.at[g, rows, :], x_s.at[slot], barriers.at[3 * slot])
+            y_rows = yt_ref.at[g, rows, :] if y_natural else yt_ref.at[g, :, rows]
+            plgpu.copy_gmem_to_smem(y_rows, yt_s.at[slot], barriers.at[3 * slot + 1])
+            plgpu.copy_gmem_to_smem(
+                z_ref.at[g, rows, cols], z_s.at[slot], barriers.at[3 * slot + 2]
+            )
+
+        if slots == 2:
+            load(0)
+
         def body(step, carry):
             c = num_blocks - 1 - step if reverse else step
             rows = pl.ds(c * block, block)
-            if not state_only:
-                plgpu.copy_gmem_to_smem(x_ref.at[g, rows, :], x_s, barriers.at[0])
-            y_rows = yt_ref.at[g, rows, :] if y_natural else yt_ref.at[g, :, rows]
-            plgpu.copy_gmem_to_smem(y_rows, yt_s, barriers.at[1])
-            plgpu.copy_gmem_to_smem(z_ref.at[g, rows, cols], z_s, barriers.at[2])
+            slot = lax.rem(step, slots)
+            if slots == 2:  # prefetch the next block while this one computes
+
+                @pl.when(step + 1 < num_blocks)
+                def _():
+                    load(step + 1)
+
+            else:
+                load(step)
+            x_t, yt_t, z_t = x_s.at[slot] if x_s is not None else None, yt_s.at[slot], z_s.at[slot]
             length = jnp.clip(seq_len - c * block, 0, block)  # real rows in this block
 
             # lambda^(i+1) per row, and lambda^(L-1-j) in a block of L real rows.
@@ -195,24 +233,24 @@ def _sweep_kernel(*refs, block: int, reverse: bool, state_only: bool, interpret:
             out_dec, upd_dec = (k_dec, q_dec) if reverse else (q_dec, k_dec)
             state_dec = jnp.exp(-slope * length.astype(jnp.float32))
 
-            plgpu.barrier_wait(barriers.at[1])
+            plgpu.barrier_wait(barriers.at[3 * slot + 1])
             if not state_only:
-                plgpu.barrier_wait(barriers.at[0])
+                plgpu.barrier_wait(barriers.at[3 * slot])
 
                 def scores_mm(acc):
-                    plgpu.wgmma(acc, x_s, plgpu.transpose_ref(yt_s, (1, 0)) if y_natural else yt_s)
+                    plgpu.wgmma(acc, x_t, plgpu.transpose_ref(yt_t, (1, 0)) if y_natural else yt_t)
                     return acc[...]
 
                 scores = pl.run_scoped(scores_mm, plgpu.ACC((block, block), jnp.float32))
                 p_s[...] = (scores * mask_s[...]).astype(dtype)
                 plgpu.commit_smem()
-            plgpu.barrier_wait(barriers.at[2])
+            plgpu.barrier_wait(barriers.at[3 * slot + 2])
 
             if not state_only:
 
                 def out_mm(acc_intra, acc_inter):
-                    plgpu.wgmma(acc_intra, p_s, z_s)
-                    plgpu.wgmma(acc_inter, x_s, st_s)
+                    plgpu.wgmma(acc_intra, p_s, z_t)
+                    plgpu.wgmma(acc_inter, x_t, st_s)
                     return acc_intra[...], acc_inter[...]
 
                 intra, inter = pl.run_scoped(
@@ -222,7 +260,7 @@ def _sweep_kernel(*refs, block: int, reverse: bool, state_only: bool, interpret:
                 )
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_s is free again
                 o_s[...] = (intra + out_dec * inter).astype(dtype)
-            zs_s[...] = (z_s[...].astype(jnp.float32) * upd_dec).astype(dtype)
+            zs_s[...] = (z_t[...].astype(jnp.float32) * upd_dec).astype(dtype)
             plgpu.commit_smem()
             if not state_only:
                 plgpu.copy_smem_to_gmem(o_s, out_ref.at[g, rows, cols])
@@ -234,9 +272,9 @@ def _sweep_kernel(*refs, block: int, reverse: bool, state_only: bool, interpret:
 
                 def state_mm(acc, rs=rs):
                     if y_natural:
-                        y_rows = plgpu.transpose_ref(yt_s.at[:, rs], (1, 0))
+                        y_rows = plgpu.transpose_ref(yt_t.at[:, rs], (1, 0))
                     else:
-                        y_rows = yt_s.at[rs]
+                        y_rows = yt_t.at[rs]
                     plgpu.wgmma(acc, y_rows, zs_s)
                     return acc[...]
 
@@ -252,12 +290,11 @@ def _sweep_kernel(*refs, block: int, reverse: bool, state_only: bool, interpret:
         plgpu.copy_smem_to_gmem(f32_s, state_ref.at[g, :, cols])
         plgpu.wait_smem_to_gmem(0)
 
-    x_width = x_ref.shape[-1] if x_ref is not None else width
     pl.run_scoped(
         scoped,
-        None if state_only else _smem((block, x_width), dtype),  # x_s
-        _smem((block, width) if y_natural else (width, block), dtype),  # yt_s: Y or Yt
-        _smem((block, TILE), dtype),  # z_s
+        None if state_only else _smem((slots, block, x_width), dtype),  # x_s
+        _smem((slots, block, width) if y_natural else (slots, width, block), dtype),  # Y or Yt
+        _smem((slots, block, TILE), dtype),  # z_s
         None if state_only else _smem((block, block), dtype),  # p_s: masked scores
         None if state_only else _smem((width, TILE), dtype),  # st_s: state as an operand
         _smem((block, TILE), dtype),  # zs_s: decayed Z
@@ -266,7 +303,7 @@ def _sweep_kernel(*refs, block: int, reverse: bool, state_only: bool, interpret:
         None if state_only else _smem((block, block), jnp.float32),  # mask_s: decay mask
         _smem((block, TILE), jnp.float32),  # dec_s: lambda^(i+1) per row
         plgpu.SMEM((block,), jnp.float32),  # params_s
-        plgpu.Barrier(num_barriers=3),
+        plgpu.Barrier(num_barriers=3 * slots),
     )
 
 

@@ -29,8 +29,10 @@ the interpreter (exact float32) but `interpret=False` refuses them (see
 `lightning_attention_mosaic_gpu`).
 
 One program per ((batch, head), 64-wide tile of Z's columns), the sequence
-walked in order inside the program, the float32 state tile [A, 64] in shared
-memory (A = d or e padded to a multiple of 64, at most 256). When batch x heads
+walked in order inside the program (the next block's tiles prefetched by TMA
+into a second buffer when shared memory allows, `_buffer_slots`), the float32
+state tile [A, 64] in shared memory (A = d or e padded to a multiple of 64, at
+most 256). When batch x heads
 leaves SMs idle, the sequence is also split (`choose_tiling`): a state-only
 sweep per split, an XLA scan combining the split states, then every split swept
 in parallel from its entering state.

@@ -133,6 +133,16 @@ def test_choose_tiling_fills_the_gpu():
     assert mosaic_gpu.choose_tiling(groups=1, e=64, n=130, splits=50).splits == 3  # capped
 
 
+def test_prefetch_buffers_fit_shared_memory():
+    """Two buffers (prefetch) at d = e <= 128 in bf16; one where two would not fit."""
+    slots = functools.partial(mosaic_gpu._buffer_slots, 64, dtype=jnp.bfloat16)
+    assert slots(128, 128, state_only=False) == 2
+    assert slots(64, 64, state_only=False) == 2
+    assert slots(256, 256, state_only=False) == 1
+    assert slots(192, 192, state_only=False) == 1
+    assert slots(256, 256, state_only=True) == 2  # no X, scores or output tiles
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [

@@ -39,11 +39,18 @@ def _mosaic_tpu(q, k, v, slopes, initial_state, block_size, interpret):
     )
 
 
-def _mosaic_gpu(q, k, v, slopes, initial_state, block_size, interpret):
+def _mosaic_gpu(q, k, v, slopes, initial_state, block_size, interpret, precision="default"):
     from pallas_kernels.mosaic_gpu import lightning_attention_mosaic_gpu
 
     return lightning_attention_mosaic_gpu(
-        q, k, v, slopes, initial_state, block_size=block_size, interpret=interpret
+        q,
+        k,
+        v,
+        slopes,
+        initial_state,
+        block_size=block_size,
+        interpret=interpret,
+        precision=precision,
     )
 
 

@@ -55,6 +55,21 @@ def _mosaic_tpu(q, k, v, slopes, initial_state, block_size, interpret, precision
     )
 
 
+def _mosaic_gpu(q, k, v, slopes, initial_state, block_size, interpret, precision):
+    from pallas_kernels.mosaic_gpu import lightning_attention_mosaic_gpu
+
+    return lightning_attention_mosaic_gpu(
+        q,
+        k,
+        v,
+        slopes,
+        initial_state,
+        block_size=block_size,
+        interpret=interpret,
+        precision=precision,
+    )
+
+
 # name -> fn(q, k, v, slopes [H] f32, initial_state [B, H, d, e], block_size, interpret,
 #            precision) -> (o, final_state)
 _IMPLS: dict[str, Callable] = {
@@ -62,12 +77,39 @@ _IMPLS: dict[str, Callable] = {
     "reference": _reference,
     "triton": _triton,
     "mosaic_tpu": _mosaic_tpu,
+    "mosaic_gpu": _mosaic_gpu,
 }
-_PALLAS_IMPLS = ("triton", "mosaic_tpu")
+_PALLAS_IMPLS = ("triton", "mosaic_tpu", "mosaic_gpu")
 # Matmul precision for float32 inputs (see `lightning_attention`).
 PRECISIONS = ("default", "highest")
 # The best implementation per backend; anything else (CPU) takes the XLA path.
 _AUTO = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "mosaic_tpu"}
+
+# Where experiments/gpu_check.sh has passed for impl="mosaic_gpu" on real Hopper-class
+# hardware: {"device": ..., "date": ..., "jax": ...}. None: never run on a GPU, so
+# impl="auto" keeps "triton" on every GPU and "mosaic_gpu" is opt-in. Fill this in
+# (device, date, jax version) only from a gpu_check.sh run that passed.
+MOSAIC_GPU_VALIDATED: dict[str, str] | None = None
+MOSAIC_GPU_MIN_CAPABILITY = (9, 0)  # Hopper: wgmma and TMA
+
+
+def _compute_capability() -> tuple[int, int] | None:
+    """(major, minor) of the default device when it is an NVIDIA GPU, else None."""
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    if not capability:
+        return None
+    major, minor = (int(x) for x in str(capability).split(".")[:2])
+    return major, minor
+
+
+def _auto_gpu_impl() -> str:
+    """mosaic_gpu on sm_90+ once validated on hardware (MOSAIC_GPU_VALIDATED); else triton."""
+    if MOSAIC_GPU_VALIDATED is None:
+        return "triton"
+    capability = _compute_capability()
+    if capability is not None and capability >= MOSAIC_GPU_MIN_CAPABILITY:
+        return "mosaic_gpu"
+    return "triton"
 
 
 def available_impls() -> tuple[str, ...]:
@@ -77,7 +119,8 @@ def available_impls() -> tuple[str, ...]:
 
 def _resolve_impl(impl: str) -> str:
     if impl == "auto":
-        return _AUTO.get(jax.default_backend(), "xla")
+        name = _AUTO.get(jax.default_backend(), "xla")
+        return _auto_gpu_impl() if name == "triton" else name
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {available_impls()}, got {impl!r}")
     return impl
@@ -123,8 +166,14 @@ def lightning_attention(
       impl: "auto" (the best implementation for the default backend: "triton"
         on GPU, "mosaic_tpu" on TPU, "xla" elsewhere), "xla" (chunked pure-jnp
         with the paper's backward), "triton" (Pallas, Triton lowering),
-        "mosaic_tpu" (Pallas, Mosaic TPU) or "reference" (the O(T^2) masked
-        formula; for checks only).
+        "mosaic_tpu" (Pallas, Mosaic TPU), "mosaic_gpu" (Pallas, Mosaic GPU:
+        Hopper sm_90+ with wgmma and TMA; bf16/f16 on the GPU, any float in
+        the interpreter) or "reference" (the O(T^2) masked formula; for checks
+        only). "auto" picks "mosaic_gpu" on GPUs of compute capability >= 9.0
+        only once `experiments/gpu_check.sh` has passed on real Hopper-class
+        hardware (recorded in `api.MOSAIC_GPU_VALIDATED`; not yet), so no user
+        gets a never-run kernel by default; "triton" stays for older GPUs and
+        AMD until JAX removes the Triton backend.
       block_size: rows per block of the tiling (None: the implementation's
         tuned default). Affects speed, not results (beyond rounding).
       interpret: for the Pallas implementations, run the kernel in the Pallas

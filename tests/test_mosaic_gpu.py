@@ -1,0 +1,374 @@
+"""Mosaic GPU kernel: the shared suite in Mosaic GPU's interpreter, compiles, dispatch.
+
+- `TestMosaicGpuInterpret`: the shared suite in Mosaic GPU's CPU interpreter
+  (jax 0.10.2, `InterpretGPUParams`) with its race detector on; a fixture fails
+  any test during which it saw a race. The interpreter is slow (about a minute
+  per forward+gradient check on the shared CPU), so the float32 grid and the
+  low-precision cases are a subset of the shared ones that still covers seq 1,
+  odd seq with a partial last block, d != e, d not a power of two, d = 256,
+  three e-tiles, states in and out and every gradient.
+- Sequence splits (the parallel-over-sequence path) against the reference.
+- The real compile for H100 and H200 on this CPU machine (deviceless XLA +
+  ptxas, in a subprocess): no spills, wgmma in every kernel; skipped with the
+  reason when the CUDA plugin or ptxas is missing.
+- `impl="auto"` with a faked GPU in both validation states.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import lightning_jax as lj
+from lightning_jax import api, reference
+from op_test_base import (
+    BF16_GRAD_TOL,
+    BF16_OUT_TOL,
+    CASES,
+    F32_TOL,
+    LightningOpTestBase,
+    assert_close,
+    assert_rms_close,
+    case_id,
+    loss_and_grads,
+    make_inputs,
+    make_slopes,
+)
+from pallas_kernels import mosaic_gpu
+
+REPO = Path(__file__).resolve().parents[1]
+GPU_TARGETS = REPO / "experiments" / "gpu_targets"
+
+
+@pytest.fixture(autouse=True)
+def interpreter_races():
+    """Fails a test when the interpreter's race detector saw a data race in any kernel."""
+    mosaic_gpu.reset_interpreter()
+    with mosaic_gpu.recording_races() as states:
+        yield states
+    raced = [i for i, state in enumerate(states) if state.races_found]
+    assert not raced, f"Mosaic GPU interpreter detected data races in kernel runs {raced}"
+
+
+def test_race_detector_sees_every_kernel(interpreter_races):
+    """The fixture's record covers each kernel run of an op (forward + 3 gradient passes)."""
+    q, k, v, s0, do, ds = make_inputs(11, 1, 1, 8, 16, 16)
+    fn = lambda q, k, v, s0: lj.lightning_attention(  # noqa: E731
+        q, k, v, 0.5, initial_state=s0, return_final_state=True, impl="mosaic_gpu"
+    )
+    jax.block_until_ready(loss_and_grads(fn, q, k, v, s0, do, ds))
+    assert len(interpreter_races) >= 4
+
+
+# seq 1; odd seq, partial block, d != e, non-power-of-two d and e; an exact block with no
+# decay; two blocks, the second of 1 row, d = 16; d = 256; three e-tiles (e = 192).
+INTERPRET_CASES = [CASES[0], CASES[1], CASES[2], CASES[3], CASES[7], CASES[8]]
+
+
+class TestMosaicGpuInterpret(LightningOpTestBase):
+    impl = "mosaic_gpu"
+    # Always the interpreter, also on a GPU backend (float32 does not run on the GPU).
+    op_kwargs = {"interpret": True}
+    checkpoint_ok = False  # the interpreter's ordered io_callbacks cannot be rematerialised
+
+    @pytest.mark.parametrize("case", INTERPRET_CASES, ids=case_id)
+    def test_forward_and_grads_f32(self, case):
+        LightningOpTestBase.test_forward_and_grads_f32(self, case)
+
+    @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+    @pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=case_id)
+    def test_low_precision(self, case, dtype):
+        LightningOpTestBase.test_low_precision(self, case, dtype)
+
+
+@pytest.mark.parametrize("splits, n", [(2, 129), (8, 200)])
+def test_sequence_splits_match_reference(splits, n):
+    """Split sequences (state-only pass, combine, outputs): o, state and every gradient.
+
+    129 rows in 2 splits of 2 blocks: the last split holds 1 real row; 8 splits of
+    200 rows are capped at 4 (one block each, the last partial).
+    """
+    b, h, d, e = 1, 2, 60, 24
+    slopes = make_slopes("strong", h)
+    q, k, v, s0, do, ds = make_inputs(10, b, h, n, d, e)
+    fn = jax.jit(
+        lambda q, k, v, s0: mosaic_gpu.lightning_attention_mosaic_gpu(
+            q, k, v, slopes, s0, interpret=True, seq_splits=splits
+        )
+    )
+    o, state = fn(q, k, v, s0)
+    grads = jax.jit(functools.partial(loss_and_grads, fn))(q, k, v, s0, do, ds)
+
+    def ref_fn(q, k, v, s0):
+        return reference.naive_attention(q, k, v, slopes, initial_state=s0, return_final_state=True)
+
+    o_ref, state_ref = ref_fn(q, k, v, s0)
+    assert_close(o, o_ref, F32_TOL, "o")
+    assert_close(state, state_ref, F32_TOL, "final state")
+    ref_grads = loss_and_grads(ref_fn, q, k, v, s0, do, ds)
+    for name, g, g_ref in zip(("dq", "dk", "dv", "d_initial_state"), grads, ref_grads):
+        assert_close(g, g_ref, F32_TOL, name)
+
+
+def test_choose_tiling_fills_the_gpu():
+    """Small batch x heads split the sequence to >= 2 programs per SM; large ones do not."""
+    sms = mosaic_gpu.DEFAULT_NUM_SMS
+    small = mosaic_gpu.choose_tiling(groups=8, e=128, n=32768)  # b1 h8
+    assert small.splits > 1 and 8 * 2 * small.splits >= 2 * sms
+    assert small.splits * small.split_blocks * small.block >= 32768
+    assert (small.splits - 1) * small.split_blocks * small.block < 32768  # no empty split
+    assert mosaic_gpu.choose_tiling(groups=128, e=128, n=32768).splits == 1  # b4 h32
+    assert mosaic_gpu.choose_tiling(groups=8, e=128, n=256).splits == 1  # too short to split
+    assert mosaic_gpu.choose_tiling(groups=1, e=64, n=130, splits=50).splits == 3  # capped
+
+
+def test_prefetch_buffers_fit_shared_memory():
+    """Two buffers (prefetch) at d = e <= 128 in bf16; one where two would not fit."""
+    slots = functools.partial(mosaic_gpu._buffer_slots, 64, dtype=jnp.bfloat16)
+    assert slots(128, 128, state_only=False) == 2
+    assert slots(64, 64, state_only=False) == 2
+    assert slots(256, 256, state_only=False) == 1
+    assert slots(192, 192, state_only=False) == 1
+    assert slots(256, 256, state_only=True) == 2  # no X, scores or output tiles
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(precision="fast"), ValueError, "precision must be one of"),
+        (dict(block_size=128, interpret=True), ValueError, "block_size must be <= 64"),
+        (dict(seq_splits=0), ValueError, "seq_splits must be None or >= 1"),
+        (dict(interpret=False), NotImplementedError, "float32 inputs.*precision='default'"),
+        (dict(interpret=False, precision="highest"), NotImplementedError, "precision='highest'"),
+    ],
+)
+def test_kernel_argument_errors(kwargs, error, match):
+    x = jnp.zeros((1, 2, 40, 16))
+    s0 = jnp.zeros((1, 2, 16, 16))
+    with pytest.raises(error, match=match):
+        mosaic_gpu.lightning_attention_mosaic_gpu(x, x, x, jnp.zeros(2), s0, **kwargs)
+
+
+def test_dims_above_256_are_refused():
+    q = jnp.zeros((1, 1, 8, 320))
+    v = jnp.zeros((1, 1, 8, 16))
+    with pytest.raises(ValueError, match="d and e up to 256"):
+        lj.lightning_attention(q, q, v, impl="mosaic_gpu")
+
+
+def test_float64_is_refused():
+    with jax.enable_x64(True):
+        x = jnp.zeros((1, 2, 8, 16), jnp.float64)
+        with pytest.raises(TypeError, match='q is float64.*impl="xla"'):
+            lj.lightning_attention(x, x, x, impl="mosaic_gpu")
+
+
+def test_seq_of_2_pow_24_is_refused():
+    """Sequence lengths reach the kernel as float32; checked on shapes alone (no arrays)."""
+    q = jax.ShapeDtypeStruct((1, 1, 1 << 24, 16), jnp.bfloat16)
+    s0 = jax.ShapeDtypeStruct((1, 1, 16, 16), jnp.float32)
+    with pytest.raises(ValueError, match="seq < 16777216"):
+        jax.eval_shape(
+            lambda q, s0: mosaic_gpu.lightning_attention_mosaic_gpu(q, q, q, jnp.zeros(1), s0),
+            q,
+            s0,
+        )
+
+
+def test_auto_dispatch_with_a_faked_gpu(monkeypatch):
+    """auto: triton until gpu_check.sh has passed (MOSAIC_GPU_VALIDATED); then mosaic_gpu
+    on compute capability >= 9.0 only."""
+
+    def fake_gpu(capability):
+        device = types.SimpleNamespace(platform="gpu", compute_capability=capability)
+        monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+        monkeypatch.setattr(api.jax, "devices", lambda *a: [device])
+
+    monkeypatch.setattr(api, "MOSAIC_GPU_VALIDATED", None)
+    for capability in ("8.0", "9.0", "10.0"):
+        fake_gpu(capability)
+        assert api._resolve_impl("auto") == "triton", capability
+    monkeypatch.setattr(
+        api, "MOSAIC_GPU_VALIDATED", {"device": "NVIDIA H100", "date": "x", "jax": "x"}
+    )
+    for capability, want in (("8.0", "triton"), ("8.9", "triton"), ("9.0", "mosaic_gpu")):
+        fake_gpu(capability)
+        assert api._resolve_impl("auto") == want, capability
+    fake_gpu("10.0")
+    assert api._resolve_impl("auto") == "mosaic_gpu"
+
+
+def test_auto_stays_triton_until_validated_on_hardware():
+    """Nobody gets the never-run kernel by default: the record is empty until a GPU run."""
+    assert api.MOSAIC_GPU_VALIDATED is None
+
+
+@pytest.mark.parametrize("batch, heads", [(4, 32), (1, 8)])
+def test_lowers_for_cuda(batch, heads):
+    """Cross-lowering for platform "cuda": one kernel forward and three backward, plus one
+    state-only pass each way when the sequence is split (b1 h8)."""
+    x = jax.ShapeDtypeStruct((batch, heads, 4096, 128), jnp.bfloat16)
+    slopes = lj.alibi_slopes(heads)
+    split = mosaic_gpu.choose_tiling(batch * heads, 128, 4096).splits > 1
+    assert split == (batch * heads < 64)
+
+    def fwd(q, k, v):
+        return lj.lightning_attention(q, k, v, slopes, impl="mosaic_gpu", interpret=False)
+
+    def fwd_bwd(q, k, v):
+        loss = lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32))  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    for fn, kernels in ((fwd, 1 + split), (fwd_bwd, 4 + 3 * split)):
+        # Kernel launches in the program (identical kernels share one lowered function).
+        assert str(jax.make_jaxpr(fn)(x, x, x)).count("mpmd_map[") == kernels
+        text = jax.jit(fn).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+        assert "mosaic_gpu_v2" in text
+        # The walk over the sequence is inside the kernels; XLA loops only over splits.
+        assert ("stablehlo.while" in text) == split
+
+
+def _hopper_gpu_missing() -> str | None:
+    """None on a GPU backend of compute capability >= 9.0, else why the device tests skip."""
+    if jax.default_backend() != "gpu":
+        return f"needs an NVIDIA GPU (backend is {jax.default_backend()})"
+    capability = api._compute_capability()
+    if capability is None or capability < api.MOSAIC_GPU_MIN_CAPABILITY:
+        return f"needs compute capability >= 9.0, got {capability}"
+    return None
+
+
+@pytest.mark.skipif(_hopper_gpu_missing() is not None, reason=str(_hopper_gpu_missing()))
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize(
+    "case, splits",
+    [
+        ((2, 3, 1, 16, 16, "alibi", None), None),
+        ((1, 2, 63, 60, 100, "strong", None), None),
+        ((1, 5, 500, 100, 16, "alibi", None), None),
+        ((1, 2, 1023, 64, 128, "strong", None), None),
+        ((1, 2, 130, 256, 64, "one", None), None),
+        ((1, 3, 97, 128, 192, "scalar", None), None),
+        ((1, 2, 4000, 128, 128, "strong", None), 7),
+        ((4, 8, 2048, 128, 128, "alibi", None), None),
+    ],
+    ids=lambda x: case_id(x) if isinstance(x, tuple) else f"splits{x}",
+)
+def test_device_matches_reference(case, splits, dtype):
+    """On a real Hopper GPU: o, state and every gradient against the float32 reference."""
+    b, h, n, d, e, kind, _ = case
+    slopes = make_slopes(kind, h)
+    slopes_h = jnp.broadcast_to(jnp.asarray(0.0 if slopes is None else slopes), (h,))
+    q, k, v, s0, do, ds = make_inputs(12, b, h, n, d, e, dtype)
+
+    def fn(q, k, v, s0):
+        return mosaic_gpu.lightning_attention_mosaic_gpu(
+            q, k, v, slopes_h.astype(jnp.float32), s0, seq_splits=splits
+        )
+
+    o, state = jax.jit(fn)(q, k, v, s0)
+    grads = jax.jit(functools.partial(loss_and_grads, fn))(q, k, v, s0, do, ds)
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+
+    def ref_fn(q, k, v, s0):
+        return reference.naive_attention(q, k, v, slopes, initial_state=s0, return_final_state=True)
+
+    o_ref, state_ref = ref_fn(*up, s0)
+    assert_rms_close(o, o_ref, BF16_OUT_TOL, "o")
+    assert_rms_close(state, state_ref, BF16_OUT_TOL, "final state")
+    ref_grads = loss_and_grads(ref_fn, *up, s0, do, ds)
+    for name, g, g_ref in zip(("dq", "dk", "dv", "ds0"), grads, ref_grads):
+        assert_rms_close(g, g_ref, BF16_GRAD_TOL, name)
+
+
+_COMPILE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import lightning_jax as lj
+
+    target_file, b, h, n, d, e, dtype, splits = sys.argv[1:9]
+    b, h, n, d, e = map(int, (b, h, n, d, e))
+    topo = topologies.get_topology_desc(
+        platform="cuda", topology="1x1x1", target_config=open(target_file).read()
+    )
+    sh = NamedSharding(Mesh(np.array(topo.devices[:1]), ("x",)), P())
+    q = jax.ShapeDtypeStruct((b, h, n, d), jnp.dtype(dtype), sharding=sh)
+    v = jax.ShapeDtypeStruct((b, h, n, e), jnp.dtype(dtype), sharding=sh)
+    slopes = lj.alibi_slopes(h)
+    from pallas_kernels.mosaic_gpu import lightning_attention_mosaic_gpu
+
+    def loss(q, k, v):
+        s0 = jnp.zeros((b, h, d, e), jnp.float32)
+        o, state = lightning_attention_mosaic_gpu(
+            q, k, v, slopes, s0, seq_splits=None if splits == "auto" else int(splits)
+        )
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(state)
+
+    jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, q, v).compile()
+    print("COMPILED")
+    """
+)
+
+
+def _cuda_compile_available() -> str | None:
+    """None when deviceless CUDA compiles can run here, else the reason."""
+    if importlib.util.find_spec("jax_cuda12_plugin") is None:
+        return "jax-cuda12-plugin is not installed (the [aot] extra)"
+    if not GPU_TARGETS.is_dir():
+        return f"no GPU target configs in {GPU_TARGETS}"
+    return None
+
+
+@pytest.mark.skipif(_cuda_compile_available() is not None, reason=str(_cuda_compile_available()))
+@pytest.mark.parametrize(
+    "target, b, h, n, d, e, splits",
+    [
+        ("h200", 2, 4, 2048, 64, 64, "1"),
+        ("h200", 2, 4, 2048, 128, 128, "1"),
+        ("h100_sxm", 2, 4, 2048, 128, 128, "1"),
+        ("h200", 1, 2, 1024, 256, 256, "1"),
+        ("h200", 1, 3, 1000, 192, 100, "auto"),  # awkward: odd seq, d != e, not powers of 2
+        ("h200", 1, 8, 8192, 128, 128, "auto"),  # b1 h8: split over the sequence
+    ],
+)
+def test_compiles_for_hopper_without_spills(target, b, h, n, d, e, splits):
+    """Forward + backward bf16, the real deviceless compile (Mosaic GPU, ptxas -v)."""
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        MOSAIC_GPU_DUMP_PTX="1",
+        MOSAIC_GPU_DUMP_PTXAS="1",
+        PYTHONPATH=str(REPO),
+    )
+    args = [str(GPU_TARGETS / f"{target}.txtpb"), b, h, n, d, e, "bfloat16", splits]
+    result = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=REPO,
+    )
+    log = result.stdout + result.stderr
+    assert result.returncode == 0 and "COMPILED" in log, log[-3000:]
+    kernels = re.findall(r"Function properties for (\w+)", log)
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", log)]
+    assert kernels and len(spills) == len(kernels), log[-3000:]
+    assert not any(spills), dict(zip(kernels, spills))
+    # Every kernel's PTX (one per compiled kernel) has tensor-core instructions.
+    ptx_modules = log.split("Generated by LLVM NVPTX Back-End")[1:]
+    assert ptx_modules and all("wgmma.mma_async" in m for m in ptx_modules)

@@ -39,7 +39,8 @@ from lightning_jax.models import TransNormerConfig, TransNormerLM
 class TrainConfig:
     """Everything one run depends on. Presets in PRESETS; flags override fields."""
 
-    mixer: str = "lightning"
+    mixer: str = "lightning"  # "lightning", "softmax" or "hybrid" (see softmax_every)
+    softmax_every: int = 2  # mixer="hybrid": every k-th layer softmax, the rest lightning
     num_layers: int = 2
     embed_dim: int = 128
     num_heads: int = 4
@@ -64,6 +65,8 @@ class TrainConfig:
     resume: bool = False
     plot: bool = True
 
+
+MIXERS = ("lightning", "softmax", "hybrid")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Runs on 2 CPU cores in a few minutes: the README's main command.
@@ -112,14 +115,21 @@ def config_from_preset(preset: str, **overrides) -> TrainConfig:
 
 
 def model_config(cfg: TrainConfig, mesh: Mesh | None = None) -> TransNormerConfig:
-    """The model of cfg; with cfg.seq_parallel > 1, sequence-parallel over mesh's "seq" axis."""
+    """The model of cfg; with cfg.seq_parallel > 1, sequence-parallel over mesh's "seq" axis.
+
+    mixer="hybrid" is a lightning stack with every cfg.softmax_every-th layer softmax.
+    """
+    if cfg.mixer not in MIXERS:
+        raise ValueError(f"mixer must be one of {MIXERS}, got {cfg.mixer!r}")
     sp = dict(mesh=mesh, seq_axis="seq", batch_axis="data") if cfg.seq_parallel > 1 else {}
+    hybrid = cfg.mixer == "hybrid"
     return TransNormerConfig(
         vocab_size=lm_data.VOCAB_SIZE,
         num_layers=cfg.num_layers,
         embed_dim=cfg.embed_dim,
         num_heads=cfg.num_heads,
-        mixer=cfg.mixer,
+        mixer="lightning" if hybrid else cfg.mixer,
+        softmax_every=cfg.softmax_every if hybrid else 0,
         max_seq_len=cfg.seq_len,
         impl=cfg.impl,
         dtype=jnp.dtype(cfg.dtype),

@@ -8,7 +8,8 @@ orbax checkpoints, loss.png.
   python experiments/train_lm.py                          # demo preset, ~minutes on 2 CPU cores
   python experiments/train_lm.py --preset=small --workdir=results/small
   python experiments/train_lm.py --resume --workdir=results/train_demo   # continue
-  python experiments/train_lm.py --compare --workdir=results/compare     # lightning vs softmax
+  python experiments/train_lm.py --compare=lightning,softmax,hybrid --workdir=results/compare
+  python experiments/train_lm.py --mixer=hybrid --softmax_every=4 --num_layers=8   # 2 softmax
 
 Data-parallel over all local devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=4
 on a CPU). --seq_parallel=S also splits every sequence over S devices (mesh data x seq =
@@ -20,10 +21,12 @@ devices / S x S; lightning mixer only), for sequences longer than one device hol
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
+import numpy as np
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -33,8 +36,13 @@ import lm_train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "demo", sorted(lm_train.PRESETS), "Size preset.")
-flags.DEFINE_enum("mixer", "lightning", ["lightning", "softmax"], "Token mixer.")
-flags.DEFINE_bool("compare", False, "Train both mixers on the same data and budget.")
+flags.DEFINE_enum("mixer", "lightning", list(lm_train.MIXERS), "Token mixer.")
+flags.DEFINE_integer(
+    "softmax_every", None, "--mixer=hybrid: every k-th layer softmax, the rest lightning (2)."
+)
+flags.DEFINE_list(
+    "compare", [], "Mixers to train on the same data and budget, e.g. lightning,softmax,hybrid."
+)
 flags.DEFINE_integer("steps", None, "Training steps (overrides the preset).")
 flags.DEFINE_integer("seq_len", None, "Sequence length.")
 flags.DEFINE_integer("batch_size", None, "Global batch size (divides by the device count).")
@@ -59,8 +67,8 @@ flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --wor
 
 _OVERRIDES = (
     "mixer steps seq_len batch_size num_layers embed_dim num_heads learning_rate warmup_steps "
-    "dtype impl seq_parallel seed log_every eval_every checkpoint_every data max_corpus_bytes "
-    "workdir"
+    "softmax_every dtype impl seq_parallel seed log_every eval_every checkpoint_every data "
+    "max_corpus_bytes workdir"
 ).split()
 
 
@@ -74,10 +82,17 @@ def main(argv):
             "_compare" if FLAGS.compare else ""
         )
     cfg = lm_train.config_from_preset(FLAGS.preset, **overrides)
-    if FLAGS.compare and cfg.seq_parallel > 1:
+    bad = [m for m in FLAGS.compare if m not in lm_train.MIXERS]
+    if bad or len(set(FLAGS.compare)) != len(FLAGS.compare):
         raise app.UsageError(
-            "--compare trains the softmax mixer too, which has no sequence parallelism; "
-            "drop --seq_parallel"
+            f"--compare takes distinct mixers from {lm_train.MIXERS}, got {FLAGS.compare}"
+        )
+    if FLAGS.softmax_every is not None and "hybrid" not in (FLAGS.compare or [cfg.mixer]):
+        raise app.UsageError("--softmax_every applies to the hybrid mixer only")
+    if FLAGS.compare and cfg.seq_parallel > 1 and set(FLAGS.compare) != {"lightning"}:
+        raise app.UsageError(
+            f"--compare={','.join(FLAGS.compare)} includes softmax layers, which have no "
+            "sequence parallelism; drop --seq_parallel"
         )
     corpus = lm_data.load_corpus(cfg.data, max_bytes=cfg.max_corpus_bytes)
     if not FLAGS.compare:
@@ -85,17 +100,30 @@ def main(argv):
         print(f"wrote {cfg.workdir}/metrics.jsonl and {cfg.workdir}/loss.png")
         return
     runs = {}
-    for mixer in ("lightning", "softmax"):
+    for mixer in FLAGS.compare:
         sub = lm_train.TrainConfig(
             **{**vars(cfg), "mixer": mixer, "workdir": str(Path(cfg.workdir) / mixer)}
         )
         runs[mixer] = lm_train.train(sub, corpus)["records"]
     out = Path(cfg.workdir) / "compare.png"
-    lm_train.plot_losses(runs, out, title="lightning vs softmax, same data and budget")
+    lm_train.plot_losses(runs, out, title=f"{' vs '.join(runs)}, same data and budget")
+    summary = {}
     for mixer, records in runs.items():
         last = [r for r in records if "eval_loss" in r][-1]
-        print(f"{mixer:>9}: held-out loss {last['eval_loss']:.4f} ({last['eval_bpb']:.3f} bpb)")
-    print(f"wrote {out}")
+        speeds = [r["tokens_per_sec"] for r in records if r["tokens_per_sec"]]
+        summary[mixer] = dict(
+            eval_loss=last["eval_loss"],
+            eval_bpb=last["eval_bpb"],
+            eval_curve=[(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r],
+            median_tokens_per_sec=float(np.median(speeds)) if speeds else None,
+        )
+        print(
+            f"{mixer:>9}: held-out loss {last['eval_loss']:.4f} ({last['eval_bpb']:.3f} bpb), "
+            f"median {summary[mixer]['median_tokens_per_sec'] or 0:,.0f} train tokens/s"
+        )
+    with open(Path(cfg.workdir) / "compare.json", "w") as f:
+        json.dump(dict(command="python " + " ".join(sys.argv), runs=summary), f, indent=1)
+    print(f"wrote {out} and {Path(cfg.workdir) / 'compare.json'}")
 
 
 if __name__ == "__main__":

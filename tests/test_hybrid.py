@@ -22,7 +22,7 @@ from test_models import decoded_logits, forward, greedy_reference, tokens
 import lightning_jax as lj
 import lm_data
 import lm_train
-from lightning_jax.models import TransNormerConfig, TransNormerLM
+from lightning_jax.models import TransNormerConfig, TransNormerLM, count_params
 from lightning_jax.nn import LightningAttention, SoftmaxAttention
 from op_test_base import assert_close
 
@@ -211,3 +211,13 @@ def test_sequence_parallel_refuses_softmax_layers():
     dataclasses.replace(BASE, **sp)  # all lightning: sequence parallel
     with pytest.raises(ValueError, match="needs mixer='lightning'"):
         lm_train.Trainer(lm_train.TrainConfig(**TINY, mixer="hybrid", seq_parallel=4))
+
+
+def test_hybrid_parameter_count():
+    V, D, H, d, F = VOCAB, 32, 4, 8, 11 * 32 // 4
+    lightning = D * 4 * H * d + H * d * D + 3 * D * F  # qkvu, out, SGLU
+    softmax = D * 3 * H * d + H * d * D + 3 * D * F  # qkv, out, SGLU
+    model = TransNormerLM(EVERY_2, rngs=nnx.Rngs(0))
+    got = sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert got == count_params(EVERY_2) == 2 * V * D + 2 * lightning + 2 * softmax
+    assert count_params(LISTED) == 2 * V * D + 2 * lightning + softmax

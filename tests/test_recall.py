@@ -1,0 +1,52 @@
+"""experiments/recall.py: the task's sequences, and one tiny training run end to end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import recall
+
+
+def test_recall_batch_asks_for_the_value_of_each_key():
+    rng = np.random.default_rng(0)
+    pairs = np.array([1, 3, 5, 2])
+    inputs, targets, is_answer = recall.recall_batch(rng, pairs, 8, 10, seq_len=20)
+    assert inputs.shape == targets.shape == is_answer.shape == (4, 20)
+    np.testing.assert_array_equal(inputs[:, 1:], targets[:, :-1])  # targets: the next token
+    for b, n in enumerate(pairs):
+        row = np.concatenate([inputs[b, :1], targets[b]])
+        keys, values = row[0 : 2 * n : 2], row[1 : 2 * n : 2]
+        assert len(set(keys)) == n and keys.min() >= 1 and keys.max() <= 8
+        assert values.min() >= 9 and values.max() <= 18
+        value_of = dict(zip(keys.tolist(), values.tolist()))
+        # Every answer position: the input is a key asked again, the target its value.
+        answer_cols = np.flatnonzero(is_answer[b])
+        assert len(answer_cols) == n
+        assert sorted(inputs[b, answer_cols].tolist()) == sorted(keys.tolist())
+        for col in answer_cols:
+            assert col >= 2 * n and targets[b, col] == value_of[int(inputs[b, col])]
+        assert (row[4 * n :] == recall.PAD).all()
+    with pytest.raises(ValueError, match="must not exceed num_keys 4"):
+        recall.recall_batch(rng, np.array([5]), 4, 4, seq_len=40)
+    with pytest.raises(ValueError, match="seq_len"):
+        recall.recall_batch(rng, np.array([3]), 8, 4, seq_len=8)
+
+
+def test_train_and_evaluate_runs_on_a_hybrid():
+    result = recall.train_and_evaluate(
+        "hybrid",
+        pairs=[1, 2],
+        steps=3,
+        batch_size=4,
+        learning_rate=1e-3,
+        num_keys=4,
+        num_values=4,
+        num_layers=2,
+        embed_dim=16,
+        num_heads=2,
+        eval_sequences=8,
+        seed=0,
+    )
+    assert result["layer_mixers"] == ["lightning", "softmax"]
+    assert sorted(result["accuracy_by_context"]) == [4, 8]
+    assert all(0.0 <= a <= 1.0 for a in result["accuracy_by_context"].values())

@@ -2,22 +2,27 @@ r"""Associative recall: why hybrids put softmax layers among the lightning ones.
 
 A synthetic multi-query associative recall task, generated on the fly: each
 sequence lists N key-value pairs, then asks for every key again (in a random
-order), and the model must answer with that key's value:
+order), and the model must answer with that key's value. By default
+(`--fused`) each pair is one token, so answering is a single lookup:
 
-    k1 v1 k2 v2 ... kN vN | q1 a1 q2 a2 ... qN aN      (4N tokens; q = a permutation of k)
+    p1 p2 ... pN | q1 a1 q2 a2 ... qN aN      (3N tokens; p = (k, v); q = a permutation of k)
+
+`--nofused` spells each pair as two tokens (`k1 v1 ... kN vN | q1 a1 ...`, 4N
+tokens), the classic MQAR layout, which needs two attention steps and many
+more training steps than fit a small CPU budget.
 
 Keys are N distinct ids of `--num_keys`, values are drawn from `--num_values`
 (with repetition), so chance is 1/num_values. A lightning layer carries a
 fixed-size state (`[H, d, d]` per sequence), which must hold all N pairs at
 once; a softmax layer attends to every earlier token. Each model (lightning,
-softmax, hybrid) trains for the same number of steps on sequences with N drawn
-from `--pairs` (each row padded to the longest, so one compiled shape; the
-model is causal, so padding after a row's end does not change its answers),
-and is then evaluated per N on fresh sequences: the accuracy on answer tokens
-against the context length 4N.
+softmax, hybrid: the last layer softmax) trains for the same number of steps on
+sequences with N drawn from `--pairs` (each row padded to the longest, so one
+compiled shape; the model is causal, so padding after a row's end does not
+change its answers), and is then evaluated per N on the same fresh sequences:
+the accuracy on answer tokens against the context length.
 
-  python experiments/recall.py        # 3 x 1500 steps; ~30 min on a busy 2-core CPU
-  python experiments/recall.py --steps=3000 --pairs=4,8,16,32,64 --num_keys=64
+  python experiments/recall.py        # 3 models x 600 steps
+  python experiments/recall.py --steps=3000 --pairs=8,16,32,64,128 --num_keys=128
 
 Prints a table and writes `--out` (JSON) and a PNG beside it.
 """
@@ -43,44 +48,74 @@ from lightning_jax.models import TransNormerConfig, TransNormerLM  # noqa: E402
 PAD = 0  # token id after a sequence's end; keys start at 1
 
 
+def tokens_per_pair(fused: bool) -> int:
+    """Context tokens per key-value pair: 4 (k v | q a), or 3 when a pair is one token."""
+    return 3 if fused else 4
+
+
+def vocab_size(num_keys: int, num_values: int, fused: bool) -> int:
+    """PAD, keys, values, and with `fused` one token per (key, value) pair."""
+    return 1 + num_keys + num_values + (num_keys * num_values if fused else 0)
+
+
 def recall_batch(
     rng: np.random.Generator,
     pairs: np.ndarray,
     num_keys: int,
     num_values: int,
     seq_len: int,
+    fused: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One batch of the recall task, row b with `pairs[b]` key-value pairs.
 
-    Token ids: PAD = 0, keys 1..num_keys, values num_keys+1..num_keys+num_values.
+    Token ids: PAD = 0, keys 1..K, values K+1..K+V (K = num_keys, V =
+    num_values), and with `fused` the pair (key i, value j) as the one token
+    K+V+1 + (i-1)*V + j. Row layout (then PAD):
+
+        fused=False:  k1 v1 ... kN vN  q1 a1 ... qN aN    (4N tokens)
+        fused=True:   p1 ... pN        q1 a1 ... qN aN    (3N tokens; p = (k, v) in one token)
+
+    The first layout needs two steps of attention (tie each value to the key
+    before it, then find the key); the fused one a single lookup, which a tiny
+    model learns in far fewer steps.
 
     Args:
       rng: numpy generator (the batch is a function of its state).
-      pairs: int `[B]` number of pairs N of each row, 4N <= seq_len + 1.
+      pairs: int `[B]` number of pairs N of each row.
       num_keys: size of the key vocabulary (>= max N: keys of a row are distinct).
       num_values: size of the value vocabulary.
-      seq_len: length T of the inputs.
+      seq_len: length T of the inputs, >= tokens_per_pair * max N - 1.
+      fused: one token per key-value pair.
 
     Returns:
       inputs int32 `[B, T]`, targets int32 `[B, T]` (the next token), and
       answer mask bool `[B, T]`: True where the target is the value asked for.
     """
     batch = len(pairs)
+    per_pair = tokens_per_pair(fused)
     if int(pairs.max()) > num_keys:
         raise ValueError(f"pairs (up to {int(pairs.max())}) must not exceed num_keys {num_keys}")
-    if 4 * int(pairs.max()) > seq_len + 1:
-        raise ValueError(f"4 * pairs (up to {4 * int(pairs.max())}) must be <= seq_len + 1")
+    if per_pair * int(pairs.max()) > seq_len + 1:
+        raise ValueError(
+            f"{per_pair} * pairs (up to {per_pair * int(pairs.max())}) must be <= seq_len + 1"
+        )
     tokens = np.full((batch, seq_len + 1), PAD, np.int32)
     is_answer = np.zeros((batch, seq_len + 1), bool)
     for b, n in enumerate(pairs):
-        keys = rng.choice(num_keys, size=n, replace=False) + 1
-        values = rng.integers(0, num_values, size=n) + num_keys + 1
+        key_idx = rng.choice(num_keys, size=n, replace=False)
+        value_idx = rng.integers(0, num_values, size=n)
+        keys, values = key_idx + 1, value_idx + num_keys + 1
         order = rng.permutation(n)
-        tokens[b, 0 : 2 * n : 2] = keys
-        tokens[b, 1 : 2 * n : 2] = values
-        tokens[b, 2 * n : 4 * n : 2] = keys[order]
-        tokens[b, 2 * n + 1 : 4 * n : 2] = values[order]
-        is_answer[b, 2 * n + 1 : 4 * n : 2] = True
+        if fused:
+            tokens[b, :n] = num_keys + num_values + 1 + key_idx * num_values + value_idx
+            asked = n
+        else:
+            tokens[b, 0 : 2 * n : 2] = keys
+            tokens[b, 1 : 2 * n : 2] = values
+            asked = 2 * n
+        tokens[b, asked : asked + 2 * n : 2] = keys[order]
+        tokens[b, asked + 1 : asked + 2 * n : 2] = values[order]
+        is_answer[b, asked + 1 : asked + 2 * n : 2] = True
     return tokens[:, :-1], tokens[:, 1:], is_answer[:, 1:]
 
 
@@ -124,10 +159,12 @@ def train_and_evaluate(
     num_heads: int,
     eval_sequences: int,
     seed: int,
+    fused: bool = False,
 ) -> dict:
     """Trains one model on N drawn uniformly from `pairs`; accuracy per N on fresh sequences."""
-    seq_len = 4 * max(pairs)
-    vocab = 1 + num_keys + num_values
+    per_pair = tokens_per_pair(fused)
+    seq_len = per_pair * max(pairs)
+    vocab = vocab_size(num_keys, num_values, fused)
     config = model_config(mixer, vocab, seq_len, num_layers, embed_dim, num_heads)
     model = TransNormerLM(config, rngs=nnx.Rngs(seed))
     schedule = optax.warmup_cosine_decay_schedule(
@@ -151,7 +188,8 @@ def train_and_evaluate(
     start = time.perf_counter()
     curve = []
     for step in range(steps):
-        batch = recall_batch(rng, rng.choice(pairs, size=batch_size), num_keys, num_values, seq_len)
+        row_pairs = rng.choice(pairs, size=batch_size)
+        batch = recall_batch(rng, row_pairs, num_keys, num_values, seq_len, fused)
         loss, acc = train_step(model, optimizer, *batch)
         if (step + 1) % max(steps // 10, 1) == 0:
             curve.append(dict(step=step + 1, loss=float(loss), accuracy=float(acc)))
@@ -162,9 +200,10 @@ def train_and_evaluate(
     for n in pairs:
         accs = []
         for _ in range(max(eval_sequences // batch_size, 1)):
-            batch = recall_batch(eval_rng, np.full(batch_size, n), num_keys, num_values, seq_len)
+            row_pairs = np.full(batch_size, n)
+            batch = recall_batch(eval_rng, row_pairs, num_keys, num_values, seq_len, fused)
             accs.append(float(eval_step(model, *batch)[1]))
-        accuracy[4 * n] = float(np.mean(accs))
+        accuracy[per_pair * n] = float(np.mean(accs))
     return dict(
         mixer=mixer,
         layer_mixers=list(config.layer_mixers),
@@ -187,7 +226,7 @@ def plot_recall(results: list[dict], chance: float, path: str) -> None:
     ax.axhline(chance, color="gray", ls=":", label="chance")
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("context length (tokens; 4 per key-value pair)")
+    ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("recall accuracy (answer tokens)")
     ax.set_title("associative recall at equal training steps")
     ax.grid(alpha=0.3)
@@ -199,23 +238,24 @@ def plot_recall(results: list[dict], chance: float, path: str) -> None:
 
 def _define_flags():
     flags.DEFINE_list("mixers", ["lightning", "softmax", "hybrid"], "Models to train.")
-    flags.DEFINE_list("pairs", ["2", "4", "8", "16"], "Key-value pairs per sequence (N).")
-    flags.DEFINE_integer("steps", 1500, "Training steps per model.")
+    flags.DEFINE_list("pairs", ["4", "8", "16", "32", "64"], "Key-value pairs per sequence (N).")
+    flags.DEFINE_integer("steps", 600, "Training steps per model.")
     flags.DEFINE_integer("batch_size", 32, "Sequences per step.")
     flags.DEFINE_float("learning_rate", 5e-3, "Peak learning rate (AdamW, warmup + cosine).")
-    flags.DEFINE_integer("num_keys", 16, "Key vocabulary.")
+    flags.DEFINE_integer("num_keys", 64, "Key vocabulary.")
     flags.DEFINE_integer("num_values", 16, "Value vocabulary (chance = 1 / num_values).")
     flags.DEFINE_integer("num_layers", 2, "Layers (hybrid: the last one softmax).")
     flags.DEFINE_integer("embed_dim", 64, "Model width.")
     flags.DEFINE_integer("num_heads", 4, "Heads.")
     flags.DEFINE_integer("eval_sequences", 512, "Held-out sequences per context length.")
     flags.DEFINE_integer("seed", 0, "Seed of the init and the data.")
+    flags.DEFINE_bool("fused", True, "One token per key-value pair (3N tokens), else 4N.")
     flags.DEFINE_string("out", "results/recall/recall.json", "JSON path (PNG beside it).")
 
 
 _FLAG_NAMES = (
     "mixers pairs steps batch_size learning_rate num_keys num_values num_layers embed_dim "
-    "num_heads eval_sequences seed"
+    "num_heads eval_sequences seed fused"
 ).split()
 
 
@@ -246,10 +286,11 @@ def main(argv):
                 num_heads=f.num_heads,
                 eval_sequences=f.eval_sequences,
                 seed=f.seed,
+                fused=f.fused,
             )
         )
     chance = 1 / f.num_values
-    contexts = [4 * n for n in pairs]
+    contexts = [tokens_per_pair(f.fused) * n for n in pairs]
     print(f"\nrecall accuracy after {f.steps} steps (chance {chance:.3f}):")
     print("| model | " + " | ".join(f"{c} tokens" for c in contexts) + " | train s |")
     print("| --- | " + " | ".join("---:" for _ in contexts) + " | ---: |")

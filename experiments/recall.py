@@ -21,8 +21,11 @@ compiled shape; the model is causal, so padding after a row's end does not
 change its answers), and is then evaluated per N on the same fresh sequences:
 the accuracy on answer tokens against the context length.
 
-  python experiments/recall.py        # 3 models x 600 steps
+  python experiments/recall.py        # 3 models x 600 steps, one after the other
   python experiments/recall.py --steps=3000 --pairs=8,16,32,64,128 --num_keys=128
+  # or one process per model, then join their JSONs:
+  python experiments/recall.py --mixers=softmax --out=results/recall/softmax.json  # (etc.)
+  python experiments/recall.py --merge=results/recall/lightning.json,...
 
 Prints a table and writes `--out` (JSON) and a PNG beside it.
 """
@@ -238,12 +241,12 @@ def plot_recall(results: list[dict], chance: float, path: str) -> None:
 
 def _define_flags():
     flags.DEFINE_list("mixers", ["lightning", "softmax", "hybrid"], "Models to train.")
-    flags.DEFINE_list("pairs", ["4", "8", "16", "32", "64"], "Key-value pairs per sequence (N).")
+    flags.DEFINE_list("pairs", ["2", "4", "8", "16", "32"], "Key-value pairs per sequence (N).")
     flags.DEFINE_integer("steps", 600, "Training steps per model.")
     flags.DEFINE_integer("batch_size", 32, "Sequences per step.")
     flags.DEFINE_float("learning_rate", 5e-3, "Peak learning rate (AdamW, warmup + cosine).")
-    flags.DEFINE_integer("num_keys", 64, "Key vocabulary.")
-    flags.DEFINE_integer("num_values", 16, "Value vocabulary (chance = 1 / num_values).")
+    flags.DEFINE_integer("num_keys", 32, "Key vocabulary.")
+    flags.DEFINE_integer("num_values", 8, "Value vocabulary (chance = 1 / num_values).")
     flags.DEFINE_integer("num_layers", 2, "Layers (hybrid: the last one softmax).")
     flags.DEFINE_integer("embed_dim", 64, "Model width.")
     flags.DEFINE_integer("num_heads", 4, "Heads.")
@@ -251,6 +254,7 @@ def _define_flags():
     flags.DEFINE_integer("seed", 0, "Seed of the init and the data.")
     flags.DEFINE_bool("fused", True, "One token per key-value pair (3N tokens), else 4N.")
     flags.DEFINE_string("out", "results/recall/recall.json", "JSON path (PNG beside it).")
+    flags.DEFINE_list("merge", [], "Join these JSONs of one-mixer runs into --out; no training.")
 
 
 _FLAG_NAMES = (
@@ -259,9 +263,50 @@ _FLAG_NAMES = (
 ).split()
 
 
+def merge(paths: list[str], out: str) -> None:
+    """Joins runs of one config, one mixer each (e.g. run as parallel processes), into `out`."""
+    runs = []
+    for path in paths:
+        with open(path) as fh:
+            runs.append(json.load(fh))
+    configs = [{k: v for k, v in r["config"].items() if k != "mixers"} for r in runs]
+    if any(c != configs[0] for c in configs):
+        raise app.UsageError(f"--merge: the runs {paths} differ in more than --mixers")
+    merged = dict(runs[0])
+    merged["results"] = [res for r in runs for res in r["results"]]
+    merged["config"] = {**runs[0]["config"], "mixers": [m["mixer"] for m in merged["results"]]}
+    merged["command"] = [r["command"] for r in runs]
+    report(merged, out)
+
+
+def report(result: dict, out: str) -> None:
+    """Prints the accuracy table; writes the JSON and the PNG beside it."""
+    results = result["results"]
+    contexts = sorted(int(c) for c in results[0]["accuracy_by_context"])
+    steps, chance = result["config"]["steps"], result["chance"]
+    print(f"\nrecall accuracy after {steps} steps (chance {chance:.3f}):")
+    print("| model | " + " | ".join(f"{c} tokens" for c in contexts) + " | train s |")
+    print("| --- | " + " | ".join("---:" for _ in contexts) + " | ---: |")
+    for r in results:
+        by_context = {int(c): a for c, a in r["accuracy_by_context"].items()}
+        r["accuracy_by_context"] = by_context
+        accs = " | ".join(f"{by_context[c]:.3f}" for c in contexts)
+        print(f"| {r['mixer']} | {accs} | {r['train_seconds']:.0f} |")
+    if out:
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as fh:
+            json.dump(result, fh, indent=1)
+        png = os.path.splitext(out)[0] + ".png"
+        plot_recall(results, result["chance"], png)
+        print(f"wrote {out} and {png}")
+
+
 def main(argv):
     del argv
     f = flags.FLAGS
+    if f.merge:
+        merge(f.merge, f.out)
+        return
     pairs = [int(p) for p in f.pairs]
     if not pairs or min(pairs) < 1:
         raise app.UsageError(f"--pairs must be positive ints, got {f.pairs}")
@@ -289,30 +334,16 @@ def main(argv):
                 fused=f.fused,
             )
         )
-    chance = 1 / f.num_values
-    contexts = [tokens_per_pair(f.fused) * n for n in pairs]
-    print(f"\nrecall accuracy after {f.steps} steps (chance {chance:.3f}):")
-    print("| model | " + " | ".join(f"{c} tokens" for c in contexts) + " | train s |")
-    print("| --- | " + " | ".join("---:" for _ in contexts) + " | ---: |")
-    for r in results:
-        accs = " | ".join(f"{r['accuracy_by_context'][c]:.3f}" for c in contexts)
-        print(f"| {r['mixer']} | {accs} | {r['train_seconds']:.0f} |")
     result = dict(
         results=results,
-        chance=chance,
+        chance=1 / f.num_values,
         config={name: f[name].value for name in _FLAG_NAMES},
         device=str(jax.devices()[0].device_kind),
         jax=jax.__version__,
         date=time.strftime("%Y-%m-%d"),
         command="python " + " ".join(sys.argv),
     )
-    if f.out:
-        os.makedirs(os.path.dirname(f.out) or ".", exist_ok=True)
-        with open(f.out, "w") as fh:
-            json.dump(result, fh, indent=1)
-        png = os.path.splitext(f.out)[0] + ".png"
-        plot_recall(results, chance, png)
-        print(f"wrote {f.out} and {png}")
+    report(result, f.out)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import recall
+from absl import app
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["pairs-of-tokens", "fused-pairs"])
@@ -63,3 +66,28 @@ def test_train_and_evaluate_runs_on_a_hybrid():
     assert result["layer_mixers"] == ["lightning", "softmax"]
     assert sorted(result["accuracy_by_context"]) == [3, 6]
     assert all(0.0 <= a <= 1.0 for a in result["accuracy_by_context"].values())
+
+
+def test_merge_joins_one_mixer_runs(tmp_path):
+    def run(mixer, accuracy, steps=5):
+        config = dict(mixers=[mixer], steps=steps, pairs=["1", "2"])
+        result = dict(mixer=mixer, accuracy_by_context={"3": accuracy, "6": accuracy / 2})
+        return dict(results=[{**result, "train_seconds": 1.0}], chance=0.25, config=config,
+                    command=f"python recall.py --mixers={mixer}")  # fmt: skip
+
+    paths = []
+    for mixer, acc in (("lightning", 0.5), ("softmax", 0.9)):
+        paths.append(str(tmp_path / f"{mixer}.json"))
+        with open(paths[-1], "w") as fh:
+            json.dump(run(mixer, acc), fh)
+    recall.merge(paths, str(tmp_path / "all.json"))
+    with open(tmp_path / "all.json") as fh:
+        merged = json.load(fh)
+    assert [r["mixer"] for r in merged["results"]] == ["lightning", "softmax"]
+    assert merged["config"]["mixers"] == ["lightning", "softmax"]
+    assert merged["results"][1]["accuracy_by_context"] == {"3": 0.9, "6": 0.45}
+    assert (tmp_path / "all.png").stat().st_size > 1000
+    with open(paths[1], "w") as fh:
+        json.dump(run("softmax", 0.9, steps=6), fh)
+    with pytest.raises(app.UsageError, match="differ in more than --mixers"):
+        recall.merge(paths, str(tmp_path / "bad.json"))

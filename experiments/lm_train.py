@@ -55,7 +55,8 @@ from lightning_jax.models import TransNormerConfig, TransNormerLM
 class TrainConfig:
     """Everything one run depends on. Presets in PRESETS; flags override fields."""
 
-    mixer: str = "lightning"
+    mixer: str = "lightning"  # "lightning", "softmax" or "hybrid" (see softmax_every)
+    softmax_every: int = 2  # mixer="hybrid": every k-th layer softmax, the rest lightning
     num_layers: int = 2
     embed_dim: int = 128
     num_heads: int = 4
@@ -82,6 +83,7 @@ class TrainConfig:
     plot: bool = True
 
 
+MIXERS = ("lightning", "softmax", "hybrid")
 # What a resumed run may change: how long it runs (steps: the cosine schedule then decays
 # over the new total from the resumed step on), how often it logs, evaluates and saves,
 # which implementation of the same op runs and how the batch is laid out over devices, and
@@ -191,7 +193,11 @@ def validate_config(cfg: TrainConfig, num_devices: int | None = None) -> None:
         )
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
-    if cfg.mixer == "lightning":
+    if cfg.mixer not in MIXERS:
+        raise ConfigError(f"--mixer must be one of {MIXERS}, got {cfg.mixer!r}")
+    if cfg.mixer == "hybrid" and (not _is_int(cfg.softmax_every) or cfg.softmax_every < 1):
+        raise ConfigError(f"--softmax_every must be a positive integer, got {cfg.softmax_every!r}")
+    if cfg.mixer in ("lightning", "hybrid"):
         from lightning_jax import available_impls
 
         if cfg.impl not in available_impls():
@@ -336,14 +342,21 @@ def prepare_workdir(cfg: TrainConfig) -> None:
 
 
 def model_config(cfg: TrainConfig, mesh: Mesh | None = None) -> TransNormerConfig:
-    """The model of cfg; with cfg.seq_parallel > 1, sequence-parallel over mesh's "seq" axis."""
+    """The model of cfg; with cfg.seq_parallel > 1, sequence-parallel over mesh's "seq" axis.
+
+    mixer="hybrid" is a lightning stack with every cfg.softmax_every-th layer softmax.
+    """
+    if cfg.mixer not in MIXERS:
+        raise ValueError(f"mixer must be one of {MIXERS}, got {cfg.mixer!r}")
     sp = dict(mesh=mesh, seq_axis="seq", batch_axis="data") if cfg.seq_parallel > 1 else {}
+    hybrid = cfg.mixer == "hybrid"
     return TransNormerConfig(
         vocab_size=lm_data.VOCAB_SIZE,
         num_layers=cfg.num_layers,
         embed_dim=cfg.embed_dim,
         num_heads=cfg.num_heads,
-        mixer=cfg.mixer,
+        mixer="lightning" if hybrid else cfg.mixer,
+        softmax_every=cfg.softmax_every if hybrid else 0,
         max_seq_len=cfg.seq_len,
         impl=cfg.impl,
         dtype=jnp.dtype(cfg.dtype),

@@ -9,15 +9,16 @@ git-ignored): metrics.jsonl, config.json, orbax checkpoints, loss.png.
   python experiments/train_lm.py --preset=small --workdir=runs/small
   python experiments/train_lm.py --resume --steps=1000    # continue the demo run to step 1000
   python experiments/train_lm.py --overwrite              # delete the demo run, start over
-  python experiments/train_lm.py --compare                # lightning vs softmax
+  python experiments/train_lm.py --compare=lightning,softmax,hybrid   # same data and budget
+  python experiments/train_lm.py --mixer=hybrid --softmax_every=4 --num_layers=8   # 2 softmax
 
 A workdir that already holds a run is refused unless --resume (continue it; the
 saved config.json must match the flags except steps, log_every, eval_every,
 checkpoint_every, impl and seq_parallel; there must be a checkpoint) or
 --overwrite (delete the run's files there: checkpoints/, metrics.jsonl,
-config.json, loss.png; with --compare also compare.png and both sub-runs).
-A flag mistake exits with status 2 and one line naming the flag, before any
-training.
+config.json, loss.png; with --compare also compare.png, compare.json and the
+sub-runs). A flag mistake exits with status 2 and one line naming the flag,
+before any training.
 
 Data-parallel over all local devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=4
 on a CPU). --seq_parallel=S also splits every sequence over S devices (mesh data x seq =
@@ -38,12 +39,14 @@ must be one directory all hosts see):
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 import jax
+import numpy as np
 from absl import app, flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -55,8 +58,13 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum(
     "preset", "demo", sorted(lm_train.PRESETS), "Size preset (what each sets: see the top)."
 )
-flags.DEFINE_enum("mixer", "lightning", ["lightning", "softmax"], "Token mixer.")
-flags.DEFINE_bool("compare", False, "Train both mixers on the same data and budget.")
+flags.DEFINE_enum("mixer", "lightning", list(lm_train.MIXERS), "Token mixer.")
+flags.DEFINE_integer(
+    "softmax_every", None, "--mixer=hybrid: every k-th layer softmax, the rest lightning (2)."
+)
+flags.DEFINE_list(
+    "compare", [], "Mixers to train on the same data and budget, e.g. lightning,softmax,hybrid."
+)
 flags.DEFINE_integer("steps", None, "Training steps (overrides the preset).")
 flags.DEFINE_integer("seq_len", None, "Sequence length.")
 flags.DEFINE_integer("batch_size", None, "Global batch size (divides by the device count).")
@@ -97,12 +105,13 @@ flags.DEFINE_integer(
     "others stop with an error (jax's default: 100).",
 )
 
+# What --compare writes beside its sub-runs.
+COMPARE_FILES = ("compare.png", "compare.json")
 _OVERRIDES = (
     "mixer steps seq_len batch_size num_layers embed_dim num_heads learning_rate warmup_steps "
-    "dtype impl seq_parallel seed log_every eval_every checkpoint_every data max_corpus_bytes "
-    "workdir"
+    "softmax_every dtype impl seq_parallel seed log_every eval_every checkpoint_every data "
+    "max_corpus_bytes workdir"
 ).split()
-COMPARE_MIXERS = ("lightning", "softmax")
 
 
 def describe_presets() -> str:
@@ -159,7 +168,7 @@ def config_from_flags() -> lm_train.TrainConfig:
     overrides = {name: getattr(FLAGS, name) for name in _OVERRIDES}
     overrides.update(resume=FLAGS.resume, overwrite=FLAGS.overwrite)
     if overrides["workdir"] is None:
-        overrides["workdir"] = lm_train.default_workdir(FLAGS.preset, FLAGS.compare)
+        overrides["workdir"] = lm_train.default_workdir(FLAGS.preset, bool(FLAGS.compare))
     return lm_train.config_from_preset(FLAGS.preset, **overrides)
 
 
@@ -167,7 +176,7 @@ def compare_configs(cfg: lm_train.TrainConfig) -> list[lm_train.TrainConfig]:
     """One run per mixer of --compare, each in a sub-folder of cfg.workdir."""
     return [
         dataclasses.replace(cfg, mixer=mixer, workdir=str(Path(cfg.workdir) / mixer))
-        for mixer in COMPARE_MIXERS
+        for mixer in FLAGS.compare
     ]
 
 
@@ -179,17 +188,24 @@ def validate_flags(cfg: lm_train.TrainConfig) -> tuple[list[lm_train.TrainConfig
     Raises:
       lm_train.ConfigError: a one-line message naming the flag.
     """
-    if FLAGS.compare and cfg.seq_parallel > 1:
+    bad = [m for m in FLAGS.compare if m not in lm_train.MIXERS]
+    if bad or len(set(FLAGS.compare)) != len(FLAGS.compare):
         raise lm_train.ConfigError(
-            "--compare trains the softmax mixer too, which has no sequence parallelism; "
-            "drop --seq_parallel"
+            f"--compare takes distinct mixers from {lm_train.MIXERS}, got {FLAGS.compare}"
+        )
+    if FLAGS.softmax_every is not None and "hybrid" not in (FLAGS.compare or [cfg.mixer]):
+        raise lm_train.ConfigError("--softmax_every applies to the hybrid mixer only")
+    if FLAGS.compare and cfg.seq_parallel > 1 and set(FLAGS.compare) != {"lightning"}:
+        raise lm_train.ConfigError(
+            f"--compare={','.join(FLAGS.compare)} includes softmax layers, which have no "
+            "sequence parallelism; drop --seq_parallel"
         )
     runs = compare_configs(cfg) if FLAGS.compare else [cfg]
     for run in runs:
         lm_train.validate_config(run)
     if FLAGS.compare and not FLAGS.resume and not FLAGS.overwrite:
         present = lm_train.run_files(cfg.workdir) + [
-            name for name in ("compare.png",) if (Path(cfg.workdir) / name).exists()
+            name for name in COMPARE_FILES if (Path(cfg.workdir) / name).exists()
         ]
         if present:
             raise lm_train.ConfigError(
@@ -235,7 +251,8 @@ def main(argv):
     except lm_train.ConfigError as err:
         usage_error(str(err))
     if FLAGS.compare and FLAGS.overwrite:
-        (Path(cfg.workdir) / "compare.png").unlink(missing_ok=True)
+        for name in COMPARE_FILES:
+            (Path(cfg.workdir) / name).unlink(missing_ok=True)
         lm_train.clear_run(cfg.workdir)
     if not FLAGS.compare:
         lm_train.train(cfg, corpus)
@@ -246,11 +263,24 @@ def main(argv):
     if jax.process_index() != 0:  # process 0 plots and reports
         return
     out = Path(cfg.workdir) / "compare.png"
-    lm_train.plot_losses(runs, out, title="lightning vs softmax, same data and budget")
+    lm_train.plot_losses(runs, out, title=f"{' vs '.join(runs)}, same data and budget")
+    summary = {}
     for mixer, records in runs.items():
         last = [r for r in records if "eval_loss" in r][-1]
-        print(f"{mixer:>9}: held-out loss {last['eval_loss']:.4f} ({last['eval_bpb']:.3f} bpb)")
-    print(f"wrote {out}")
+        speeds = [r["tokens_per_sec"] for r in records if r["tokens_per_sec"]]
+        summary[mixer] = dict(
+            eval_loss=last["eval_loss"],
+            eval_bpb=last["eval_bpb"],
+            eval_curve=[(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r],
+            median_tokens_per_sec=float(np.median(speeds)) if speeds else None,
+        )
+        print(
+            f"{mixer:>9}: held-out loss {last['eval_loss']:.4f} ({last['eval_bpb']:.3f} bpb), "
+            f"median {summary[mixer]['median_tokens_per_sec'] or 0:,.0f} train tokens/s"
+        )
+    with open(Path(cfg.workdir) / "compare.json", "w") as f:
+        json.dump(dict(command="python " + " ".join(sys.argv), runs=summary), f, indent=1)
+    print(f"wrote {out} and {Path(cfg.workdir) / 'compare.json'}")
 
 
 if __name__ == "__main__":

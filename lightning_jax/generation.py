@@ -4,7 +4,10 @@
 `lax.fori_loop` of single-token steps. For the lightning model the carried
 cache is one `[B, H, d, d]` float32 state per layer and the output buffer
 `[B, prompt_len + max_new_tokens]` is allocated once, so memory does not grow
-with the number of generated tokens.
+with the number of generated tokens. A hybrid model (`TransNormerConfig` with
+`softmax_every` or a per-layer mixer list) carries each layer's own cache: the
+lightning layers' fixed states and the softmax layers' KV caches of
+`max_seq_len` positions, which bound prompt plus generated tokens.
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ def generate(
 
     Raises:
       ValueError: bad arguments, a missing rng when sampling, or more tokens
-        than a softmax model's KV cache holds.
+        than the KV cache of a model with softmax layers holds.
       TypeError: non-integer prompt tokens.
     """
     config = getattr(model, "config", None)

@@ -7,22 +7,32 @@ a final norm and an LM head without bias. Layer l of L mixes tokens with
 `LightningAttention` and the slopes `layer_slopes(H, l, L)`; `mixer="softmax"`
 swaps in causal softmax attention with rotary embeddings (the baseline).
 
+Hybrids (as MiniMax-01 interleaves one softmax layer after every seven
+lightning layers): `softmax_every=k` makes layers k-1, 2k-1, ... softmax and
+the rest lightning, or `mixer` takes an explicit per-layer tuple such as
+`("lightning", "lightning", "softmax")`. `config.layer_mixers` is the resolved
+schedule. A lightning layer keeps its slopes `layer_slopes(H, l, L)` by its
+index l in the whole stack, whatever the other layers are.
+
 Decoding: `model.init_cache(batch_size)` gives every lightning layer its
 fixed-size float32 state and every softmax layer a KV cache of
 `config.max_seq_len`; `model(tokens, decode=True)` then consumes any number of
-new tokens per call (prefill a prompt, then one token at a time).
+new tokens per call (prefill a prompt, then one token at a time). In a hybrid,
+only the softmax layers' caches grow with `max_seq_len`.
 
 Sequence parallelism: `TransNormerConfig(mesh=..., seq_axis=..., batch_axis=...)`
 runs every lightning layer's op sequence-parallel over `seq_axis` (see
 `lightning_jax.nn.LightningAttention`); inside `jax.jit`, with the tokens
 sharded `P(batch_axis, seq_axis)`, the per-token rest of the model stays
-sharded along the sequence too.
+sharded along the sequence too. Softmax layers have no sequence-parallel
+path, so a config with `seq_axis` and any softmax layer raises a ValueError.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -59,7 +69,11 @@ class TransNormerConfig:
       mlp_dim: hidden width F of the SGLU (None: 11 * D // 4, the ratio of
         TransNormerLLM-385M, 1024 -> 2816).
       mixer: "lightning" (TransNormerLLM) or "softmax" (causal softmax
-        attention with RoPE, the baseline).
+        attention with RoPE, the baseline) for every layer; or a sequence of
+        `num_layers` such names, one per layer (a hybrid; stored as a tuple).
+      softmax_every: k >= 1 makes every k-th layer softmax (layers k-1, 2k-1,
+        ...; k <= num_layers) and the rest lightning, as MiniMax-01 does with
+        k = 8; needs mixer="lightning". 0 (default): no schedule.
       max_seq_len: length of the softmax KV cache (prompt plus generated
         tokens); the lightning state does not depend on it.
       rope_base: base of the rotary frequencies (softmax mixer).
@@ -74,7 +88,8 @@ class TransNormerConfig:
       mesh: `jax.sharding.Mesh` of `seq_axis` and `batch_axis` (unused without
         `seq_axis`).
       seq_axis: mesh axis (or tuple) the lightning op shards the sequence over
-        (None: no sequence parallelism). Lightning mixer only; decoding ignores it.
+        (None: no sequence parallelism). Lightning layers only: a config with
+        any softmax layer refuses it; decoding ignores it.
       batch_axis: mesh axis (or tuple) the batch is sharded over (with `seq_axis`).
     """
 
@@ -84,7 +99,8 @@ class TransNormerConfig:
     num_heads: int
     head_dim: int | None = None
     mlp_dim: int | None = None
-    mixer: str = "lightning"
+    mixer: str | Sequence[str] = "lightning"
+    softmax_every: int = 0
     max_seq_len: int = 2048
     rope_base: float = 10000.0
     impl: str = "auto"
@@ -104,24 +120,86 @@ class TransNormerConfig:
         for name in ("head_dim", "mlp_dim"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
-        if self.mixer not in MIXERS:
-            raise ValueError(f"TransNormerConfig.mixer must be one of {MIXERS}, got {self.mixer!r}")
+        self._check_schedule()
         if self.head_dim is None and self.embed_dim % self.num_heads:
             raise ValueError(
                 f"TransNormerConfig: embed_dim ({self.embed_dim}) must be divisible by num_heads "
                 f"({self.num_heads}) when head_dim is not given"
             )
-        if self.mixer == "softmax" and self.attn_head_dim % 2:
+        softmax_layers = self.softmax_layers
+        if softmax_layers and self.attn_head_dim % 2:
             raise ValueError(
                 f"TransNormerConfig: the softmax mixer's RoPE needs an even head_dim, got "
                 f"{self.attn_head_dim}"
             )
-        if self.mixer == "softmax" and self.seq_axis is not None:
+        if softmax_layers and self.seq_axis is not None:
             raise ValueError(
                 "TransNormerConfig: seq_axis (sequence parallelism) is supported by the "
-                "lightning mixer only, got mixer='softmax'"
+                f"lightning mixer only, but layers {list(softmax_layers)} are softmax "
+                f"(layer_mixers {self.layer_mixers})"
             )
         check_sequence_parallel("TransNormerConfig", self.mesh, self.seq_axis, self.batch_axis)
+
+    def _check_schedule(self) -> None:
+        """Validates mixer / softmax_every; stores a per-layer mixer list as a tuple."""
+        k = self.softmax_every
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+            raise ValueError(f"TransNormerConfig.softmax_every must be an int >= 0, got {k!r}")
+        if isinstance(self.mixer, str):
+            if self.mixer not in MIXERS:
+                raise ValueError(
+                    f"TransNormerConfig.mixer must be one of {MIXERS} or a per-layer sequence "
+                    f"of them, got {self.mixer!r}"
+                )
+            if k and self.mixer != "lightning":
+                raise ValueError(
+                    "TransNormerConfig.softmax_every interleaves softmax layers into a lightning "
+                    f"stack and needs mixer='lightning', got mixer={self.mixer!r}"
+                )
+            if k > self.num_layers:
+                raise ValueError(
+                    f"TransNormerConfig.softmax_every ({k}) exceeds num_layers "
+                    f"({self.num_layers}): no layer would be softmax"
+                )
+            return
+        if not isinstance(self.mixer, Sequence):
+            raise ValueError(
+                f"TransNormerConfig.mixer must be one of {MIXERS} or a per-layer sequence of "
+                f"them, got {self.mixer!r}"
+            )
+        mixers = tuple(self.mixer)
+        bad = [(i, m) for i, m in enumerate(mixers) if not isinstance(m, str) or m not in MIXERS]
+        if bad:
+            raise ValueError(
+                f"TransNormerConfig.mixer: every per-layer entry must be one of {MIXERS}, got "
+                + ", ".join(f"{m!r} at layer {i}" for i, m in bad)
+            )
+        if len(mixers) != self.num_layers:
+            raise ValueError(
+                f"TransNormerConfig.mixer lists {len(mixers)} layer mixers, but num_layers is "
+                f"{self.num_layers}"
+            )
+        if k:
+            raise ValueError(
+                "TransNormerConfig: pass either a per-layer mixer sequence or softmax_every, "
+                f"not both (got softmax_every={k})"
+            )
+        object.__setattr__(self, "mixer", mixers)  # a tuple keeps the config hashable
+
+    @property
+    def layer_mixers(self) -> tuple[str, ...]:
+        """The mixer of each of the `num_layers` layers ("lightning" or "softmax")."""
+        if not isinstance(self.mixer, str):
+            return tuple(self.mixer)
+        k = self.softmax_every
+        return tuple(
+            "softmax" if k and (i + 1) % k == 0 else self.mixer for i in range(self.num_layers)
+        )
+
+    @property
+    def softmax_layers(self) -> tuple[int, ...]:
+        """Indices of the softmax layers (their KV caches grow with `max_seq_len`)."""
+        return tuple(i for i, m in enumerate(self.layer_mixers) if m == "softmax")
 
     @property
     def attn_head_dim(self) -> int:
@@ -137,17 +215,19 @@ class TransNormerConfig:
 def count_params(config: TransNormerConfig) -> int:
     """Number of parameters of `TransNormerLM(config)`.
 
-    V*D (embedding) + V*D (LM head, untied) + L * (mixer + 3*D*F), where the
-    lightning mixer has D*4*H*d + H*d*D weights (qkvu and output projections)
-    and the softmax mixer D*3*H*d + H*d*D. Norms have no weights; slopes and
-    caches are not parameters.
+    V*D (embedding) + V*D (LM head, untied) + the sum over layers of
+    (mixer + 3*D*F), where a lightning mixer has D*4*H*d + H*d*D weights (qkvu
+    and output projections) and a softmax mixer D*3*H*d + H*d*D. Norms have no
+    weights; slopes and caches are not parameters.
     """
     c = config
     hidden = c.num_heads * c.attn_head_dim
-    fused = 4 if c.mixer == "lightning" else 3
-    mixer = c.embed_dim * fused * hidden + hidden * c.embed_dim
-    block = mixer + 3 * c.embed_dim * c.mlp_hidden_dim
-    return 2 * c.vocab_size * c.embed_dim + c.num_layers * block
+    total = 2 * c.vocab_size * c.embed_dim
+    for mixer in c.layer_mixers:
+        fused = 4 if mixer == "lightning" else 3
+        total += c.embed_dim * fused * hidden + hidden * c.embed_dim
+        total += 3 * c.embed_dim * c.mlp_hidden_dim
+    return total
 
 
 def check_tokens(tokens: Any, vocab_size: int) -> None:
@@ -177,7 +257,8 @@ class TransNormerBlock(nnx.Module):
 
     Args:
       config: the model's hyperparameters.
-      layer_idx: index of this block (sets the lightning slopes).
+      layer_idx: index of this block (picks its mixer from `config.layer_mixers`
+        and sets the lightning slopes).
       rngs: random streams for initialisation.
     """
 
@@ -186,7 +267,7 @@ class TransNormerBlock(nnx.Module):
         init = nnx.initializers.normal(c.init_std)
         common = dict(dtype=c.dtype, param_dtype=c.param_dtype, kernel_init=init, rngs=rngs)
         self.token_norm = SimpleRMSNorm(c.embed_dim, epsilon=c.epsilon)
-        if c.mixer == "lightning":
+        if c.layer_mixers[layer_idx] == "lightning":
             self.token_mixer = LightningAttention(
                 c.embed_dim,
                 c.num_heads,
@@ -255,15 +336,17 @@ class TransNormerLM(nnx.Module):
 
     @property
     def max_decode_length(self) -> int | None:
-        """Most tokens one cache can hold: `max_seq_len` for softmax, None (unbounded) else."""
-        return self.config.max_seq_len if self.config.mixer == "softmax" else None
+        """Most tokens one cache can hold: `max_seq_len` with any softmax layer, else None."""
+        return self.config.max_seq_len if self.config.softmax_layers else None
 
     def init_cache(self, batch_size: int) -> None:
         """Creates (or resets) every layer's decoding cache for `batch_size` sequences.
 
         Lightning layers get a float32 state `[B, H, d, d]` (its size does not
         depend on the length decoded); softmax layers a KV cache of
-        `config.max_seq_len` positions and a position index.
+        `config.max_seq_len` positions and a position index. Each layer keeps
+        its own kind, so a hybrid's cache grows with `max_seq_len` only in its
+        softmax layers.
         """
         for layer in self.layers:
             mixer = layer.token_mixer

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lightning_jax._vma import match_varying
+
 HIGHEST = lax.Precision.HIGHEST
 DEFAULT_BLOCK = 32
 DEFAULT_CHUNK = 256
@@ -288,6 +290,10 @@ def lightning_attention_xla(
     batch, heads, seq, d = q.shape
     e = v.shape[-1]
     groups = batch * heads
+    # Inside shard_map(check_vma=True), a replicated initial state (or slopes) beside a
+    # sharded q would give the scan a carry whose typing changes in the first step: cast
+    # everything to q's typing first (the cast's transpose sums the state's gradient).
+    q, k, v, slopes, initial_state = match_varying(q, k, v, slopes, initial_state)
     # Flatten (batch, head) into one leading axis G so that every contraction is a
     # plain batched matmul with no transposes (per-G decay tables are tiny).
     o, state = _lightning(

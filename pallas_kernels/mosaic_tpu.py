@@ -25,7 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import flatten_and_pad, kernel_op, round_up, unpad
+from pallas_kernels._common import flatten_and_pad, kernel_op, pallas_call, round_up, unpad
 
 DEFAULT_BLOCK = 128
 LANES = 128
@@ -180,7 +180,7 @@ def _forward(q, k, v, slopes, s0, block, seq_len, interpret):
     groups, rows, d = q.shape
     e = v.shape[-1]
     nb = rows // block
-    return pl.pallas_call(
+    return pallas_call(
         functools.partial(_forward_kernel, block=block, seq_len=seq_len),
         grid=(groups, nb),
         in_specs=[
@@ -206,7 +206,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret):
     groups, rows, d = q.shape
     e = v.shape[-1]
     nb = rows // block
-    dq = pl.pallas_call(
+    dq = pallas_call(
         functools.partial(_dq_kernel, block=block, seq_len=seq_len),
         grid=(groups, nb),
         in_specs=[
@@ -223,7 +223,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret):
         interpret=interpret,
         name="lightning_dq",
     )(slopes, k, v, do, s0)
-    dk, dv, ds0 = pl.pallas_call(
+    dk, dv, ds0 = pallas_call(
         functools.partial(_dkdv_kernel, block=block, seq_len=seq_len),
         grid=(groups, nb),
         in_specs=[

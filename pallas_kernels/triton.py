@@ -27,7 +27,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import flatten_and_pad, kernel_op, next_power_of_2, round_up, unpad
+from pallas_kernels._common import (
+    flatten_and_pad,
+    kernel_op,
+    next_power_of_2,
+    pallas_call,
+    round_up,
+    unpad,
+)
 
 DEFAULT_BLOCK = 64
 MIN_DIM = 16  # tl.dot needs every matmul dimension >= 16
@@ -136,7 +143,7 @@ def _forward(q, k, v, slopes, s0, block, seq_len, interpret):
     groups, rows, d = q.shape
     e = v.shape[-1]
     te = min(e, TILE)
-    return pl.pallas_call(
+    return pallas_call(
         functools.partial(_forward_kernel, block=block, seq_len=seq_len),
         grid=(groups, e // te),
         in_specs=[
@@ -164,7 +171,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret):
     groups, rows, d = q.shape
     e = v.shape[-1]
     td, te = min(d, TILE), min(e, TILE)
-    dq = pl.pallas_call(
+    dq = pallas_call(
         functools.partial(_dq_kernel, block=block, seq_len=seq_len),
         grid=(groups, d // td),
         in_specs=[
@@ -181,7 +188,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret):
         name="lightning_dq",
     )(slopes, k, v, do, s0)
     e_tiles = e // te
-    dk_partial, dv, ds0 = pl.pallas_call(
+    dk_partial, dv, ds0 = pallas_call(
         functools.partial(_dkdv_kernel, block=block, seq_len=seq_len),
         grid=(groups, e_tiles),
         in_specs=[

@@ -149,8 +149,8 @@ MUTATIONS = [
     Mutation(
         "bench_flops_d_equals_e_formula",
         "experiments/bench_ops.py",
-        "return 2.0 * n * (64 * (d + e) + 2 * d * e) * batch * heads",
-        "return 2.0 * n * (2 * 64 * d + 2 * d * e) * batch * heads",
+        "per_row = 2 * USEFUL_BLOCK * d + 2 * USEFUL_BLOCK * e + 2 * d * e + 2 * d * e",
+        "per_row = 2 * USEFUL_BLOCK * d + 2 * USEFUL_BLOCK * d + 2 * d * e + 2 * d * e",
         ("tests/test_bench_ops.py", "-k", "flops"),
     ),
 ]

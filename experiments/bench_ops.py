@@ -1,11 +1,12 @@
 r"""Operator benchmark: time and memory per token of every implementation vs. seq.
 
 For each implementation and seq: forward and forward+backward time per token,
-achieved FLOP/s (Lightning Attention counted as 2*n*(2*64*d + 2*d*e) per head,
-the work at block 64; forward+backward as 3x that; softmax attention as its
-causal half, 2*n^2*d per head forward), bytes moved (inputs read and outputs
-written once), the fraction of the roofline (the larger of FLOPs/peak and
-bytes/bandwidth, divided by the measured time), and the compiled temp memory
+achieved FLOP/s (Lightning Attention counted as 2*n*(64*(d + e) + 2*d*e) per
+head, the matmul work at block 64, see `useful_flops`; forward+backward as 3x
+that; softmax attention as its causal half, n^2*(d + e) per head forward),
+bytes moved (inputs read and outputs written once), the fraction of the
+roofline (the larger of FLOPs/peak and bytes/bandwidth, divided by the
+measured time), and the compiled temp memory
 per token (XLA memory analysis). The same run measures the device's dense
 matmul rate. Timings are medians over interleaved repetitions, so every row
 sees the same machine load.
@@ -45,7 +46,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("impls", None, "Implementations to time (default: by backend).")
 flags.DEFINE_integer("batch", 1, "Batch size.")
 flags.DEFINE_integer("heads", 8, "Heads.")
-flags.DEFINE_integer("dim", 64, "d = e (head dim of q/k and of v).")
+flags.DEFINE_integer("dim", 64, "d, the head dim of q and k (and of v unless --dim_v).")
+flags.DEFINE_integer("dim_v", None, "e, the head dim of v (default: --dim).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Input dtype.")
 flags.DEFINE_integer("min_seq", 1024, "Smallest seq (powers of two up to max_seq).")
 flags.DEFINE_integer("max_seq", 65536, "Largest seq.")
@@ -94,20 +96,30 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+USEFUL_BLOCK = 64  # the block of the FLOP count (the Triton kernel's default)
+
+
 def useful_flops(n: int, batch: int, heads: int, d: int, e: int) -> float:
-    """Forward FLOPs of Lightning Attention-2 at block 64: 2*n*(2*64*d + 2*d*e) per head."""
-    return 2.0 * n * (2 * 64 * d + 2 * d * e) * batch * heads
+    """Forward matmul FLOPs of Lightning Attention-2 at block 64: 2*n*(64*(d+e) + 2*d*e) per head.
+
+    Per row, a multiply-add being 2 FLOPs: the intra-block scores q K^T (64 keys of
+    width d: 2*64*d) and scores V (64 rows of width e: 2*64*e), the inter-block
+    product q S (2*d*e) and the row's share of the state update K^T V (2*d*e).
+    """
+    per_row = 2 * USEFUL_BLOCK * d + 2 * USEFUL_BLOCK * e + 2 * d * e + 2 * d * e
+    return float(n * per_row * batch * heads)
 
 
-def softmax_flops(n: int, batch: int, heads: int, d: int) -> float:
-    """Forward FLOPs of causal softmax attention (half of 4*n^2*d per head)."""
-    return 2.0 * n * n * d * batch * heads
+def softmax_flops(n: int, batch: int, heads: int, d: int, e: int) -> float:
+    """Forward FLOPs of causal softmax attention: half of 2*n^2*d (Q K^T) + 2*n^2*e (P V)."""
+    return float(n * n * (d + e) * batch * heads)
 
 
-def moved_bytes(n: int, batch: int, heads: int, d: int, itemsize: int, kind: str) -> float:
-    """Inputs read and outputs written once: fwd q,k,v,o; fwd+bwd adds do, dq, dk, dv."""
-    arrays = 4 if kind == "fwd" else 8
-    return float(arrays * n * batch * heads * d * itemsize)
+def moved_bytes(n: int, batch: int, heads: int, d: int, e: int, itemsize: int, kind: str) -> float:
+    """Inputs read and outputs written once: fwd q, k (width d), v, o (width e);
+    fwd+bwd adds do, dv (e) and dq, dk (d)."""
+    width = 2 * d + 2 * e if kind == "fwd" else 4 * d + 4 * e
+    return float(width * n * batch * heads * itemsize)
 
 
 def _time_once(fn, args) -> float:
@@ -140,8 +152,14 @@ def _make_fns(impl: str, slopes):
     return jax.jit(fwd), jax.jit(fwd_bwd)
 
 
-def run(impls, batch, heads, dim, dtype, seqs, reference_max_seq, reps, matmul_size) -> dict:
-    """Measures every (impl, seq); returns the rows and the matmul rate."""
+def run(
+    impls, batch, heads, dim, dtype, seqs, reference_max_seq, reps, matmul_size, dim_v=None
+) -> dict:
+    """Measures every (impl, seq); returns the rows and the matmul rate.
+
+    dim is d (q, k), dim_v is e (v, o; None: d).
+    """
+    dim_v = dim if dim_v is None else dim_v
     slopes = lj.alibi_slopes(heads)
     matmul_dtype = jnp.float32 if jax.default_backend() == "cpu" else dtype
     a = jnp.ones((matmul_size, matmul_size), matmul_dtype)
@@ -152,7 +170,7 @@ def run(impls, batch, heads, dim, dtype, seqs, reference_max_seq, reps, matmul_s
     # memory grow with size on CPU): explains drift that is not in the op's compute.
     fresh_output = jax.jit(lambda x: jnp.zeros_like(x))
     for n in seqs:
-        x = jnp.ones((batch, heads, n, dim), dtype)
+        x = jnp.ones((batch, heads, n, dim_v), dtype)
         jax.block_until_ready(fresh_output(x))
         jobs.append(("fresh-output", n, "fwd", fresh_output, (x,)))
     for impl in impls:
@@ -160,10 +178,15 @@ def run(impls, batch, heads, dim, dtype, seqs, reference_max_seq, reps, matmul_s
         for n in seqs:
             if impl == "reference" and n > reference_max_seq:
                 continue
-            shape = (batch, n, heads, dim) if impl == "cudnn" else (batch, heads, n, dim)
             q, k, v, do = (
-                jax.random.normal(kk, shape, jnp.float32).astype(dtype)
-                for kk in jax.random.split(jax.random.PRNGKey(n), 4)
+                jax.random.normal(
+                    kk,
+                    (batch, n, heads, width) if impl == "cudnn" else (batch, heads, n, width),
+                    jnp.float32,
+                ).astype(dtype)
+                for kk, width in zip(
+                    jax.random.split(jax.random.PRNGKey(n), 4), (dim, dim) + (dim_v,) * 2
+                )
             )
             row = dict(impl=impl, seq=n)
             for kind, fn, args in (("fwd", fwd, (q, k, v)), ("fwd_bwd", fwd_bwd, (q, k, v, do))):
@@ -199,12 +222,12 @@ def run(impls, batch, heads, dim, dtype, seqs, reference_max_seq, reps, matmul_s
         n = row["seq"]
         row["fresh_output_us_per_token"] = alloc[n] / n * 1e6
         if row["impl"] == "cudnn":
-            flops = softmax_flops(n, batch, heads, dim)
+            flops = softmax_flops(n, batch, heads, dim, dim_v)
         else:
-            flops = useful_flops(n, batch, heads, dim, dim)
+            flops = useful_flops(n, batch, heads, dim, dim_v)
         row["fwd_flops"], row["fwd_bwd_flops"] = flops, 3 * flops
         for kind in ("fwd", "fwd_bwd"):
-            row[f"{kind}_bytes"] = moved_bytes(n, batch, heads, dim, itemsize, kind)
+            row[f"{kind}_bytes"] = moved_bytes(n, batch, heads, dim, dim_v, itemsize, kind)
             row[f"{kind}_gflops"] = row[f"{kind}_flops"] / row[f"{kind}_s"] / 1e9
             row[f"{kind}_gbps"] = row[f"{kind}_bytes"] / row[f"{kind}_s"] / 1e9
     return dict(matmul_gflops=statistics.median(matmul_rates), rows=list(rows.values()))
@@ -408,7 +431,8 @@ def plot(result: dict, path_prefix: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     cfg = result["config"]
-    title = f"b{cfg['batch']} h{cfg['heads']} d=e={cfg['dim']} {cfg['dtype']}, {cfg['device']}"
+    dims = f"d={cfg['dim']} e={cfg.get('dim_v', cfg['dim'])}"
+    title = f"b{cfg['batch']} h{cfg['heads']} {dims} {cfg['dtype']}, {cfg['device']}"
     paths = []
     panels = (
         ("time", "us per token", "us_per_token"),
@@ -465,6 +489,7 @@ def main(argv):
         FLAGS.reference_max_seq,
         FLAGS.reps,
         FLAGS.matmul_size,
+        FLAGS.dim_v,
     )
     if FLAGS.ceiling and "xla" in impls:
         result["xla_chunk_matmuls"] = chunk_matmuls(
@@ -482,6 +507,7 @@ def main(argv):
         batch=FLAGS.batch,
         heads=FLAGS.heads,
         dim=FLAGS.dim,
+        dim_v=FLAGS.dim if FLAGS.dim_v is None else FLAGS.dim_v,
         dtype=FLAGS.dtype,
         reps=FLAGS.reps,
         backend=backend,

@@ -30,15 +30,21 @@ import sys
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("devices", ["1", "2", "4", "8"], "Numbers of devices to split the sequence over.")
-flags.DEFINE_list("seqs", ["128", "2048", "8192", "32768"], "Global sequence lengths.")
-flags.DEFINE_list("combines", ["ppermute", "all_gather"], "Cross-device state combines.")
-flags.DEFINE_integer("batch", 1, "Batch size.")
-flags.DEFINE_integer("heads", 4, "Heads.")
-flags.DEFINE_integer("dim", 64, "d = e.")
-flags.DEFINE_string("impl", "xla", "Single-device implementation run on each shard.")
-flags.DEFINE_integer("reps", 5, "Interleaved repetitions (median reported).")
-flags.DEFINE_string("out", "results/bench_sp.json", "JSON output path ('' to skip).")
+
+
+def define_flags() -> None:
+    """The command line's flags (defined when run as a script, so the module imports cleanly
+    beside other benchmarks that define flags of the same names)."""
+    flags.DEFINE_list("devices", ["1", "2", "4", "8"], "Numbers of devices to split seq over.")
+    flags.DEFINE_list("seqs", ["128", "2048", "8192", "32768"], "Global sequence lengths.")
+    flags.DEFINE_list("combines", ["ppermute", "all_gather"], "Cross-device state combines.")
+    flags.DEFINE_integer("batch", 1, "Batch size.")
+    flags.DEFINE_integer("heads", 4, "Heads.")
+    flags.DEFINE_integer("dim", 64, "d = e.")
+    flags.DEFINE_string("impl", "xla", "Single-device implementation run on each shard.")
+    flags.DEFINE_integer("reps", 5, "Interleaved repetitions (median reported).")
+    flags.DEFINE_string("out", "results/bench_sp.json", "JSON output path ('' to skip).")
+
 
 COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "reduce-scatter", "all-to-all")
 _ITEMSIZE = {
@@ -98,7 +104,17 @@ def collective_bytes(hlo_text: str) -> dict:
     )
 
 
-def run() -> dict:
+def run(
+    devices: list[int],
+    seqs: list[int],
+    combines: list[str],
+    b: int,
+    h: int,
+    dim: int,
+    impl: str,
+    reps: int,
+) -> dict:
+    """Communication (from the compiled HLO) and median time of every (P, combine, seq)."""
     import statistics
     import time
 
@@ -109,21 +125,18 @@ def run() -> dict:
     import lightning_jax as lj
     from lightning_jax.parallel import lightning_attention_sharded
 
-    devices = [int(n) for n in FLAGS.devices]
-    seqs = [int(n) for n in FLAGS.seqs]
     if jax.device_count() < max(devices):
         raise SystemExit(f"need {max(devices)} devices, jax sees {jax.device_count()}")
-    b, h, dim = FLAGS.batch, FLAGS.heads, FLAGS.dim
     slopes = lj.alibi_slopes(h)
     jobs, rows = [], []
     for p in devices:
         mesh = Mesh(np.array(jax.devices()[:p]), ("seq",))
-        for combine in FLAGS.combines if p > 1 else FLAGS.combines[:1]:
+        for combine in combines if p > 1 else combines[:1]:
 
             def fwd(q, k, v, s0, mesh=mesh, combine=combine):
                 return lightning_attention_sharded(
                     q, k, v, slopes, mesh=mesh, seq_axis="seq", initial_state=s0,
-                    return_final_state=True, impl=FLAGS.impl, combine=combine,
+                    return_final_state=True, impl=impl, combine=combine,
                 )  # fmt: skip
 
             def fwd_bwd(q, k, v, s0, do, ds, fwd=fwd):
@@ -150,7 +163,7 @@ def run() -> dict:
                     jobs.append((row, kind, compiled, args))
                 rows.append(row)
     times = {(id(row), kind): [] for row, kind, _, _ in jobs}
-    for _ in range(FLAGS.reps):
+    for _ in range(reps):
         for row, kind, fn, args in jobs:
             # Enough calls per sample that short sequences are not dominated by dispatch.
             calls = max(1, 2048 // row["seq"])
@@ -162,7 +175,7 @@ def run() -> dict:
         row[f"{kind}_ms"] = 1e3 * statistics.median(times[(id(row), kind)])
     state_bytes = b * h * dim * dim * 4
     return dict(
-        batch=b, heads=h, dim=dim, impl=FLAGS.impl, reps=FLAGS.reps, state_bytes=state_bytes,
+        batch=b, heads=h, dim=dim, impl=impl, reps=reps, state_bytes=state_bytes,
         jax=jax.__version__, backend=jax.default_backend(), rows=rows,
     )  # fmt: skip
 
@@ -199,7 +212,16 @@ def main(argv):
     del argv
     import json
 
-    result = run()
+    result = run(
+        [int(n) for n in FLAGS.devices],
+        [int(n) for n in FLAGS.seqs],
+        FLAGS.combines,
+        FLAGS.batch,
+        FLAGS.heads,
+        FLAGS.dim,
+        FLAGS.impl,
+        FLAGS.reps,
+    )
     for line in report(result):
         print(line)
     if FLAGS.out:
@@ -212,6 +234,7 @@ def main(argv):
 if __name__ == "__main__":
     # XLA reads the device count when jax initialises its backends: set it from
     # --devices before anything imports jax.
+    define_flags()
     FLAGS(sys.argv)
     _set_device_count(max(int(n) for n in FLAGS.devices))
     app.run(main)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from lightning_jax.api import lightning_attention
 from lightning_jax.nn import (
     check_features,
+    check_interpret,
     merge_heads,
     resolve_head_dim,
     simple_rms_norm,
@@ -38,6 +39,8 @@ class LightningAttention(nn.Module):
       num_layers: number of layers in the stack, for the slopes.
       impl: implementation of the op (`lightning_jax.available_impls()`).
       block_size: block size of the op's tiling (None: its default).
+      interpret: Pallas implementations only: run the kernel in the Pallas
+        interpreter (None: exactly when the default backend is CPU).
       epsilon: epsilon of the output norm.
       dtype: compute dtype (None: inferred from inputs and params).
       param_dtype: dtype of the kernels.
@@ -52,6 +55,7 @@ class LightningAttention(nn.Module):
     num_layers: int = 1
     impl: str = "auto"
     block_size: int | None = None
+    interpret: bool | None = None
     epsilon: float = 1e-6
     dtype: Any = None
     param_dtype: Any = jnp.float32
@@ -83,7 +87,8 @@ class LightningAttention(nn.Module):
         qkvu = nn.Dense(4 * hidden, kernel_init=self.kernel_init, name="qkvu_proj", **dense)(x)
         q, k, v, u = split_qkvu(qkvu, self.num_heads, head_dim)
         slopes = layer_slopes(self.num_heads, self.layer_idx, self.num_layers)
-        op_kwargs = dict(impl=self.impl, block_size=self.block_size)
+        check_interpret("linen.LightningAttention", self.interpret)
+        op_kwargs = dict(impl=self.impl, block_size=self.block_size, interpret=self.interpret)
         if decode:
             initialized = self.has_variable("cache", "state")
             shape = (x.shape[0], self.num_heads, head_dim, head_dim)

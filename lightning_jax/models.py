@@ -45,6 +45,7 @@ from lightning_jax.nn import (
     LightningAttention,
     SimpleRMSNorm,
     SoftmaxAttention,
+    check_interpret,
     check_sequence_parallel,
 )
 
@@ -79,6 +80,9 @@ class TransNormerConfig:
       rope_base: base of the rotary frequencies (softmax mixer).
       impl: implementation of the lightning op (`lightning_jax.available_impls()`).
       block_size: block size of the lightning op (None: its default).
+      interpret: Pallas implementations of the lightning op only: run the
+        kernel in the Pallas interpreter (None: exactly when the default backend
+        is CPU; False: the real kernel, e.g. to lower for a TPU on a CPU host).
       scale_embedding: multiply embeddings by sqrt(D) (TransNormerLLM's default).
       init_std: std of the normal initialiser of every kernel and the
         embedding (TransNormerLLM's `init_std`).
@@ -105,6 +109,7 @@ class TransNormerConfig:
     rope_base: float = 10000.0
     impl: str = "auto"
     block_size: int | None = None
+    interpret: bool | None = None
     scale_embedding: bool = True
     init_std: float = 0.02
     epsilon: float = 1e-6
@@ -139,6 +144,7 @@ class TransNormerConfig:
                 f"(layer_mixers {self.layer_mixers})"
             )
         check_sequence_parallel("TransNormerConfig", self.mesh, self.seq_axis, self.batch_axis)
+        check_interpret("TransNormerConfig", self.interpret)
 
     def _check_schedule(self) -> None:
         """Validates mixer / softmax_every; stores a per-layer mixer list as a tuple."""
@@ -276,6 +282,7 @@ class TransNormerBlock(nnx.Module):
                 num_layers=c.num_layers,
                 impl=c.impl,
                 block_size=c.block_size,
+                interpret=c.interpret,
                 epsilon=c.epsilon,
                 mesh=c.mesh,
                 seq_axis=c.seq_axis,

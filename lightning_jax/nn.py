@@ -117,6 +117,12 @@ def check_sequence_parallel(what: str, mesh: Any, seq_axis: Any, batch_axis: Any
         )
 
 
+def check_interpret(what: str, interpret: Any) -> None:
+    """interpret must be None or a bool (the op's `interpret`); raises TypeError naming `what`."""
+    if interpret is not None and not isinstance(interpret, bool):
+        raise TypeError(f"{what}: interpret must be None or a bool, got {interpret!r}")
+
+
 def simple_rms_norm(x: jax.Array, epsilon: float = 1e-6, dtype: Dtype | None = None) -> jax.Array:
     """x * rsqrt(mean(x^2) + eps) over the last axis, computed in float32.
 
@@ -260,6 +266,9 @@ class LightningAttention(nnx.Module):
       num_layers: number of layers in the stack, for the slopes.
       impl: implementation of the op (`lightning_jax.available_impls()`).
       block_size: block size of the op's tiling (None: its default).
+      interpret: Pallas implementations only: run the kernel in the Pallas
+        interpreter (None: exactly when the default backend is CPU), as the op's
+        `interpret`; also passed to the sequence-parallel op.
       epsilon: epsilon of the output norm.
       dtype: compute dtype (None: inferred from inputs and params). Params and
         inputs are cast to it for the matmuls; the op accumulates in float32.
@@ -291,6 +300,7 @@ class LightningAttention(nnx.Module):
         num_layers: int = 1,
         impl: str = "auto",
         block_size: int | None = None,
+        interpret: bool | None = None,
         epsilon: float = 1e-6,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
@@ -304,6 +314,7 @@ class LightningAttention(nnx.Module):
     ):
         self.head_dim = resolve_head_dim(in_features, num_heads, head_dim)
         check_sequence_parallel("LightningAttention", mesh, seq_axis, batch_axis)
+        check_interpret("LightningAttention", interpret)
         self.mesh = mesh
         self.seq_axis = seq_axis
         self.batch_axis = batch_axis
@@ -313,6 +324,7 @@ class LightningAttention(nnx.Module):
         self.num_layers = num_layers
         self.impl = impl
         self.block_size = block_size
+        self.interpret = interpret
         self.epsilon = epsilon
         self.dtype = dtype
         self.param_dtype = param_dtype
@@ -368,7 +380,7 @@ class LightningAttention(nnx.Module):
             initial_state = self._cached_state(x.shape[0])
         q, k, v, u = split_qkvu(self.qkvu_proj(x), self.num_heads, self.head_dim)
         slopes = self.slopes[...]
-        op_kwargs = dict(impl=self.impl, block_size=self.block_size)
+        op_kwargs = dict(impl=self.impl, block_size=self.block_size, interpret=self.interpret)
         if decode:
             o, state = lightning_attention(
                 q, k, v, slopes, initial_state=initial_state, return_final_state=True, **op_kwargs

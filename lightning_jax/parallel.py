@@ -53,6 +53,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lightning_jax._checks import check_inputs, compute_dtype
+from lightning_jax._vma import axis_names as _axis_names
+from lightning_jax._vma import to_varying as _to_varying
+from lightning_jax._vma import varying_axes as _varying_axes
 from lightning_jax.api import _resolve_impl, lightning_attention
 
 HIGHEST = lax.Precision.HIGHEST
@@ -70,36 +73,6 @@ def _shard_map(f, *, mesh: Mesh, in_specs, out_specs, check_vma: bool):
     from jax.experimental.shard_map import shard_map  # pragma: no cover - older jax
 
     return shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=check_vma)
-
-
-# --- manual-axis typing helpers (jax >= 0.10 calls it manual_axis_type, earlier vma) -------
-
-
-def _varying_axes(x) -> frozenset | None:
-    """Mesh axes over which x varies inside shard_map; None where jax does not say."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    if mat is not None and hasattr(mat, "varying"):
-        return frozenset(mat.varying)
-    vma = getattr(aval, "vma", None)
-    return None if vma is None else frozenset(vma)
-
-
-def _axis_names(axis_name) -> tuple:
-    return tuple(axis_name) if isinstance(axis_name, tuple) else (axis_name,)
-
-
-def _to_varying(x: jax.Array, axis_name) -> jax.Array:
-    """Marks x as varying over axis_name (a no-op where it already is)."""
-    varying = _varying_axes(x)
-    if varying is None:
-        return x
-    missing = tuple(a for a in _axis_names(axis_name) if a not in varying)
-    if not missing:
-        return x
-    if hasattr(lax, "pcast"):
-        return lax.pcast(x, missing, to="varying")
-    return lax.pvary(x, missing)  # pragma: no cover - older jax
 
 
 def _all_gather_invariant(x: jax.Array, axis_name) -> jax.Array:
@@ -160,6 +133,7 @@ class _Config(NamedTuple):
     impl: str
     block_size: int | None
     combine: str
+    interpret: bool | None  # Pallas kernels: run them in the interpreter (None: on CPU)
 
 
 def _decay(slopes: jax.Array, exponent) -> jax.Array:
@@ -296,6 +270,7 @@ def _local_op(slopes, cfg: _Config):
             return_final_state=True,
             impl=cfg.impl,
             block_size=cfg.block_size,
+            interpret=cfg.interpret,
         )
 
     return op
@@ -352,7 +327,7 @@ def _sp_bwd(cfg: _Config, res, cotangents):
 _sp.defvjp(_sp_fwd, _sp_bwd)
 
 
-def _check_options(return_final_state, block_size, impl, combine) -> str:
+def _check_options(return_final_state, block_size, impl, combine, interpret) -> str:
     if not isinstance(return_final_state, bool):
         raise TypeError(f"return_final_state must be a bool, got {return_final_state!r}")
     if block_size is not None and (
@@ -361,6 +336,8 @@ def _check_options(return_final_state, block_size, impl, combine) -> str:
         raise ValueError(f"block_size must be None or a positive int, got {block_size!r}")
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    if interpret is not None and not isinstance(interpret, bool):
+        raise TypeError(f"interpret must be None or a bool, got {interpret!r}")
     return _resolve_impl(impl)
 
 
@@ -376,6 +353,7 @@ def lightning_attention_sp(
     impl: str = "auto",
     block_size: int | None = None,
     combine: str = "ppermute",
+    interpret: bool | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Sequence-parallel Lightning Attention, called inside `jax.shard_map`.
 
@@ -407,6 +385,10 @@ def lightning_attention_sp(
       combine: "ppermute" (default; a doubling scan, ceil(log2 P) + 1 ppermute
         steps plus one all-reduce per pass) or "all_gather" (one all-gather of
         the P local states per pass).
+      interpret: for the Pallas implementations, run the kernel in the Pallas
+        interpreter, as in `lightning_attention`. None: exactly when the default
+        backend is CPU; False forces the real kernel (what lowering for another
+        platform on a CPU host needs). Ignored by "xla" and "reference".
 
     Returns:
       o `[B, H, m, E]` (this device's rows) in q's dtype; with
@@ -420,7 +402,7 @@ def lightning_attention_sp(
       TypeError: a non-floating dtype.
     """
     slopes = check_inputs(q, k, v, slopes, initial_state)
-    name = _check_options(return_final_state, block_size, impl, combine)
+    name = _check_options(return_final_state, block_size, impl, combine, interpret)
     devices, typed = _check_axis(axis_name)
     _check_replicated("initial_state", initial_state, axis_name)
     _check_replicated("slopes", slopes, axis_name)
@@ -434,10 +416,11 @@ def lightning_attention_sp(
             return_final_state=return_final_state,
             impl=name,
             block_size=block_size,
+            interpret=interpret,
         )
     if typed:
         q, k, v = (_to_varying(x, axis_name) for x in (q, k, v))
-    cfg = _Config(axis_name, devices, typed, name, block_size, combine)
+    cfg = _Config(axis_name, devices, typed, name, block_size, combine, interpret)
     o, final = _sp(q, k, v, lax.stop_gradient(slopes), initial_state, cfg)
     return (o, final) if return_final_state else o
 
@@ -491,6 +474,7 @@ def lightning_attention_sharded(
     impl: str = "auto",
     block_size: int | None = None,
     combine: str = "ppermute",
+    interpret: bool | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Sequence-parallel Lightning Attention on global arrays over a `Mesh`.
 
@@ -515,6 +499,9 @@ def lightning_attention_sharded(
       impl: the single-device implementation run on each shard.
       block_size: rows per block of that implementation (None: default).
       combine: "ppermute" (default) or "all_gather"; see `lightning_attention_sp`.
+      interpret: Pallas implementations only: run the kernel in the Pallas
+        interpreter (None: exactly when the default backend is CPU); see
+        `lightning_attention`.
 
     Returns:
       o `[B, H, T, E]` in q's dtype (sharded like q), or `(o, final_state)`.
@@ -528,7 +515,7 @@ def lightning_attention_sharded(
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     slopes = check_inputs(q, k, v, slopes, initial_state)
-    _check_options(return_final_state, block_size, impl, combine)
+    _check_options(return_final_state, block_size, impl, combine, interpret)
     seq_names = _mesh_axes(mesh, "seq_axis", seq_axis)
     batch_names = () if batch_axis is None else _mesh_axes(mesh, "batch_axis", batch_axis)
     if set(seq_names) & set(batch_names):
@@ -565,6 +552,7 @@ def lightning_attention_sharded(
             impl=impl,
             block_size=block_size,
             combine=combine,
+            interpret=interpret,
         )
 
     in_specs = (x_spec, x_spec, x_spec, P(None)) + ((state_spec,) if has_s0 else ())

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lightning_jax._vma import match_varying
+
 # `precision` argument -> lax precision of every matmul (DEFAULT is exact on CPU,
 # TF32 on NVIDIA GPUs, bf16 passes on TPU).
 MATMUL_PRECISION = {"default": lax.Precision.DEFAULT, "highest": lax.Precision.HIGHEST}
@@ -298,6 +300,10 @@ def lightning_attention_xla(
     batch, heads, seq, d = q.shape
     e = v.shape[-1]
     groups = batch * heads
+    # Inside shard_map(check_vma=True), a replicated initial state (or slopes) beside a
+    # sharded q would give the scan a carry whose typing changes in the first step: cast
+    # everything to q's typing first (the cast's transpose sums the state's gradient).
+    q, k, v, slopes, initial_state = match_varying(q, k, v, slopes, initial_state)
     # Flatten (batch, head) into one leading axis G so that every contraction is a
     # plain batched matmul with no transposes (per-G decay tables are tiny).
     o, state = _lightning(

@@ -1,8 +1,12 @@
-"""Shape plumbing shared by the kernels: flatten (batch, head), pad, slice back.
+"""Plumbing shared by the kernels: flatten (batch, head), pad, slice back; typing, custom_vjp.
 
 Zero-padding d and e is exact. Zero-padding seq at the end is exact for the
 output; the kernels take the final state at the true last row by decaying the
 last block by its true length (docs/design.md section 4).
+
+Inside `jax.shard_map(check_vma=True)` a `pallas_call` must say over which mesh
+axes its outputs vary: `kernel_op` casts the operands to one common type and
+`pallas_call` here types every `out_shape` like its operands.
 """
 
 from __future__ import annotations
@@ -13,6 +17,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from lightning_jax._vma import match_varying, typed_shape, union_of_varying
 
 
 def round_up(x: int, multiple: int) -> int:
@@ -58,6 +65,41 @@ def unpad(o, state, batch: int, heads: int, n: int, d: int, e: int):
     return o, state
 
 
+def pallas_call(kernel: Callable, *, out_shape, interpret=False, **kwargs) -> Callable:
+    """`pl.pallas_call` whose `out_shape` is typed with the mesh axes its operands vary over.
+
+    Under `jax.shard_map(check_vma=True)` a bare `jax.ShapeDtypeStruct` out_shape
+    is refused (jax cannot tell how the output varies); each output of a kernel
+    here varies like its operands (one program per (batch, head) of this
+    device's shard). Elsewhere the typing is empty and changes nothing.
+
+    `interpret=True` (Pallas' HLO interpreter) with typed operands runs the
+    kernel in the Pallas TPU interpreter instead: in jax 0.10 the HLO
+    interpreter re-evaluates the kernel, traced untyped, on the typed operands
+    and fails the varying-axes checks of its first dynamic slice, while the TPU
+    interpreter (which runs any Pallas kernel on the host, simulating memory with
+    callbacks) does not. Its callbacks cannot sit under `jax.checkpoint`.
+    """
+
+    def call(*operands):
+        axes = union_of_varying(*operands)
+        typed = jax.tree.map(
+            lambda s: typed_shape(s, axes),
+            out_shape,
+            is_leaf=lambda s: isinstance(s, jax.ShapeDtypeStruct),
+        )
+        mode, params = interpret, kwargs
+        if interpret is True and axes:
+            from jax.experimental.pallas import tpu as pltpu
+
+            mode = pltpu.InterpretParams()
+            # The kernel's own backend's compiler parameters mean nothing to this interpreter.
+            params = {k: v for k, v in kwargs.items() if k != "compiler_params"}
+        return pl.pallas_call(kernel, out_shape=typed, interpret=mode, **params)(*operands)
+
+    return call
+
+
 def kernel_op(forward: Callable, backward: Callable) -> Callable:
     """The op as a `jax.custom_vjp` around a backend's forward and backward kernels.
 
@@ -65,6 +107,12 @@ def kernel_op(forward: Callable, backward: Callable) -> Callable:
     backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret)
       -> (dq, dk, dv, d_s0). The backward recomputes states from the inputs, so
     the residuals are the inputs themselves.
+
+    The returned op first casts q, k, v, slopes and s0 to vary over the same
+    mesh axes (inside `jax.shard_map(check_vma=True)`: a replicated slopes or
+    initial state beside a sharded q), so the kernels see one typing and the
+    gradient of a replicated operand comes back summed over the axes and typed
+    as replicated (the transpose of the cast), as jax's autodiff requires.
     """
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
@@ -85,4 +133,9 @@ def kernel_op(forward: Callable, backward: Callable) -> Callable:
         return dq, dk, dv, jnp.zeros_like(slopes), ds0
 
     op.defvjp(op_fwd, op_bwd)
-    return op
+
+    def typed_op(q, k, v, slopes, s0, block, seq_len, interpret):
+        q, k, v, slopes, s0 = match_varying(q, k, v, slopes, s0)
+        return op(q, k, v, slopes, s0, block, seq_len, interpret)
+
+    return typed_op

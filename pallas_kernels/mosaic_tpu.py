@@ -47,7 +47,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import kernel_op, round_up
+from pallas_kernels._common import kernel_op, pallas_call, round_up
 
 SUBLANES = 8
 PRECISIONS = ("default", "highest")
@@ -389,7 +389,7 @@ def _forward(q, k, v, slopes, s0, tiling: _Tiling, seq_len: int, interpret):
     batch, heads, rows, d = q.shape
     e = v.shape[-1]
     nb = rows // tiling.block_rows
-    return pl.pallas_call(
+    return pallas_call(
         functools.partial(_forward_kernel, tiling=tiling, seq_len=seq_len, ragged=rows != seq_len),
         grid=(batch * heads, nb),
         in_specs=[
@@ -419,7 +419,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, tiling: _Tiling, seq_len: int, in
     e = v.shape[-1]
     nb = rows // tiling.block_rows
     groups, itemsize = batch * heads, q.dtype.itemsize
-    dq = pl.pallas_call(
+    dq = pallas_call(
         functools.partial(_dq_kernel, tiling=tiling, seq_len=seq_len, ragged=rows != seq_len),
         grid=(groups, nb),
         in_specs=[
@@ -437,7 +437,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, tiling: _Tiling, seq_len: int, in
         interpret=interpret,
         name="lightning_dq",
     )(slopes, k, v, do, s0)
-    dk, dv, ds0 = pl.pallas_call(
+    dk, dv, ds0 = pallas_call(
         functools.partial(_dkdv_kernel, tiling=tiling, seq_len=seq_len, ragged=rows != seq_len),
         grid=(groups, nb),
         in_specs=[

@@ -33,7 +33,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels._common import flatten_and_pad, kernel_op, next_power_of_2, round_up, unpad
+from pallas_kernels._common import (
+    flatten_and_pad,
+    kernel_op,
+    next_power_of_2,
+    pallas_call,
+    round_up,
+    unpad,
+)
 
 DEFAULT_BLOCK = 64
 MIN_DIM = 16  # tl.dot needs every matmul dimension >= 16
@@ -213,7 +220,7 @@ def _forward(q, k, v, slopes, s0, block, seq_len, interpret, precision):
     e = v.shape[-1]
     te = _state_tile(e, d)
     programs = groups * (e // te)
-    return pl.pallas_call(
+    return pallas_call(
         functools.partial(_forward_kernel, block=block, seq_len=seq_len, precision=precision),
         grid=(groups, e // te),
         in_specs=[
@@ -249,7 +256,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precis
     itemsize = q.dtype.itemsize
     static = {"block": block, "seq_len": seq_len, "precision": precision}
     d_programs, e_programs = groups * (d // td), groups * (e // te)
-    dq = pl.pallas_call(
+    dq = pallas_call(
         functools.partial(_dq_kernel, **static),
         grid=(groups, d // td),
         in_specs=[
@@ -266,7 +273,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precis
         cost_estimate=_cost(d_programs, rows, block, e, td, 2 * td + 2 * e, itemsize),
         name="lightning_dq",
     )(slopes, k, v, do, s0)
-    dk, ds0 = pl.pallas_call(
+    dk, ds0 = pallas_call(
         functools.partial(_dk_kernel, **static),
         grid=(groups, d // td),
         in_specs=[
@@ -286,7 +293,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precis
         cost_estimate=_cost(d_programs, rows, block, e, td, 2 * td + 2 * e, itemsize),
         name="lightning_dk",
     )(slopes, q, v, do, dstate)
-    dv = pl.pallas_call(
+    dv = pallas_call(
         functools.partial(_dv_kernel, **static),
         grid=(groups, e // te),
         in_specs=[

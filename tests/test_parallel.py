@@ -22,8 +22,6 @@ import lightning_jax as lj
 from lightning_jax import reference
 from lightning_jax.parallel import lightning_attention_sharded, lightning_attention_sp
 from op_test_base import (
-    BF16_GRAD_TOL,
-    BF16_OUT_TOL,
     F32_TOL,
     assert_close,
     assert_rms_close,
@@ -33,6 +31,11 @@ from op_test_base import (
 )
 
 X = P(None, None, "x", None)  # q, k, v sharded along seq over mesh axis "x"
+# bf16 through the sequence-parallel op: its output is rounded twice (the local op's,
+# then after the correction), so it keeps the suite's former bf16 tolerances rather than
+# the single-device ones derived in tests/tolerances.json.
+SP_BF16_OUT_TOL = 5e-3
+SP_BF16_GRAD_TOL = 1e-2
 
 
 def make_mesh(shape: tuple[int, ...], names: tuple[str, ...]) -> Mesh:
@@ -120,6 +123,82 @@ def test_inside_own_shard_map(check_vma, combine):
         body, mesh=mesh, in_specs=(X, X, X, P()), out_specs=(X, P()), check_vma=check_vma
     )
     check_against_single_device(fn, slopes, make_inputs(20, 2, 3, 60, 8, 8))
+
+
+@pytest.mark.parametrize("check_vma", [True, False], ids=["check_vma", "no_check_vma"])
+@pytest.mark.parametrize("impl, combine", [("triton", "ppermute"), ("mosaic_tpu", "all_gather")])
+def test_pallas_kernels_inside_the_combine(impl, combine, check_vma):
+    """Each Pallas kernel as the per-device op, forward and backward (interpret=None: the
+    interpreter, on this CPU backend)."""
+    mesh = make_mesh((2,), ("x",))
+    slopes = make_slopes("alibi", 2)
+
+    def body(q, k, v, s0):
+        return lightning_attention_sp(
+            q, k, v, slopes, axis_name="x", initial_state=s0, return_final_state=True,
+            impl=impl, combine=combine, block_size=16,
+        )  # fmt: skip
+
+    fn = jax.shard_map(
+        body, mesh=mesh, in_specs=(X, X, X, P()), out_specs=(X, P()), check_vma=check_vma
+    )
+    check_against_single_device(fn, slopes, make_inputs(30, 1, 2, 64, 16, 8))
+
+
+@pytest.mark.parametrize("impl", ["triton", "mosaic_tpu"])
+def test_interpret_reaches_the_kernel(impl):
+    """interpret=False asks for the compiled kernel, which Pallas refuses to build on CPU."""
+    mesh = make_mesh((2,), ("x",))
+    q, k, v, *_ = make_inputs(31, 1, 2, 32, 16, 16)
+    slopes = make_slopes("alibi", 2)
+    cpu_refusal = pytest.raises(ValueError, match="Only interpret mode is supported on CPU")
+    with cpu_refusal:
+        lightning_attention_sharded(
+            q, k, v, slopes, mesh=mesh, seq_axis="x", impl=impl, interpret=False
+        )
+
+    def body(q, k, v):
+        return lightning_attention_sp(q, k, v, slopes, axis_name="x", impl=impl, interpret=False)
+
+    with cpu_refusal:
+        jax.shard_map(body, mesh=mesh, in_specs=(X, X, X), out_specs=X)(q, k, v)
+
+
+def test_interpret_through_the_layer_and_the_config():
+    """The Flax layers and TransNormerConfig pass `interpret` on to the (sharded) op."""
+    from flax import nnx
+
+    from lightning_jax import linen as lj_linen
+    from lightning_jax.models import TransNormerConfig, TransNormerLM
+    from lightning_jax.nn import LightningAttention
+
+    mesh = make_mesh((2,), ("x",))
+    x = jax.random.normal(jax.random.PRNGKey(32), (1, 32, 32))
+    cpu_refusal = pytest.raises(ValueError, match="Only interpret mode is supported on CPU")
+    sp = dict(mesh=mesh, seq_axis="x")
+    for kwargs in ({}, sp):
+        with cpu_refusal:
+            LightningAttention(32, 2, impl="triton", interpret=False, rngs=nnx.Rngs(0), **kwargs)(x)
+    with cpu_refusal:
+        lj_linen.LightningAttention(num_heads=2, impl="mosaic_tpu", interpret=False).init(
+            jax.random.PRNGKey(0), x
+        )
+    config = TransNormerConfig(
+        vocab_size=16, num_layers=1, embed_dim=32, num_heads=2, impl="triton", interpret=False
+    )
+    with cpu_refusal:
+        TransNormerLM(config, rngs=nnx.Rngs(0))(jnp.zeros((1, 8), jnp.int32))
+    for make in (
+        lambda: LightningAttention(32, 2, interpret="yes", rngs=nnx.Rngs(0)),
+        lambda: TransNormerConfig(
+            vocab_size=16, num_layers=1, embed_dim=32, num_heads=2, interpret=1
+        ),
+        lambda: lj_linen.LightningAttention(num_heads=2, interpret="no").init(
+            jax.random.PRNGKey(0), x
+        ),
+    ):
+        with pytest.raises(TypeError, match="interpret must be None or a bool"):
+            make()
 
 
 def test_inside_own_shard_map_output_only():
@@ -232,12 +311,12 @@ def test_low_precision_bf16():
     assert o.dtype == jnp.bfloat16 and state.dtype == jnp.float32
     up = [x.astype(jnp.float32) for x in (q, k, v)]
     (o_ref, state_ref), ref_grads = outputs_and_grads(naive(slopes))(*up, s0, do, ds)
-    assert_rms_close(o, o_ref, BF16_OUT_TOL, "o")
-    assert_rms_close(state, state_ref, BF16_OUT_TOL, "final state")
+    assert_rms_close(o, o_ref, SP_BF16_OUT_TOL, "o")
+    assert_rms_close(state, state_ref, SP_BF16_OUT_TOL, "final state")
     grads = jax.jit(functools.partial(loss_and_grads, fn))(q, k, v, s0, do, ds)
     for name, g, g_ref, x in zip(("dq", "dk", "dv", "ds0"), grads, ref_grads, (q, k, v, s0)):
         assert g.dtype == x.dtype, name
-        assert_rms_close(g, g_ref, BF16_GRAD_TOL, name)
+        assert_rms_close(g, g_ref, SP_BF16_GRAD_TOL, name)
 
 
 def test_slopes_are_constants():
@@ -299,6 +378,7 @@ def test_communication_is_constant_in_seq(combine):
         (dict(impl="flash"), ValueError, r"impl must be one of \('auto'"),
         (dict(block_size=0), ValueError, "block_size must be None or a positive int"),
         (dict(return_final_state=1), TypeError, "return_final_state must be a bool"),
+        (dict(interpret="yes"), TypeError, "interpret must be None or a bool"),
     ],
 )
 def test_sharded_bad_input(change, error, match):

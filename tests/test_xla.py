@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from jax import test_util
 
-import lightning_jax as lj
 from lightning_jax import reference
 from lightning_jax.xla import lightning_attention_xla
 from op_test_base import (
@@ -128,33 +127,3 @@ def test_reference_matches_float64_numpy():
         o_np[:, :, t] = np.einsum("bhd,bhde->bhe", qn[:, :, t], kv)
     np.testing.assert_allclose(np.asarray(o), o_np, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(state), kv, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("with_state", [False, True])
-def test_inside_shard_map_with_type_checks(with_state):
-    """Data-parallel under jax.shard_map(check_vma=True): forward and grads, many chunks."""
-    from jax.sharding import Mesh, PartitionSpec
-
-    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
-    slopes = make_slopes("alibi", 2)
-    q, k, v, s0, do, ds = make_inputs(14, 2, 2, 600, 16, 16)
-    spec = PartitionSpec("data")
-
-    def op(q, k, v, s0):
-        return lj.lightning_attention(
-            q, k, v, slopes, initial_state=s0 if with_state else None, return_final_state=True
-        )
-
-    def ref(q, k, v, s0):
-        return reference.naive_attention(
-            q, k, v, slopes, initial_state=s0 if with_state else None, return_final_state=True
-        )
-
-    sharded = jax.shard_map(op, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=True)
-    for got, want in zip(jax.jit(sharded)(q, k, v, s0), ref(q, k, v, s0), strict=True):
-        assert_close(got, want, F32_TOL, "forward")
-    got = jax.jit(lambda *a: loss_and_grads(sharded, *a))(q, k, v, s0, do, ds)
-    want = loss_and_grads(ref, q, k, v, s0, do, ds)
-    for name, a, b in zip(("dq", "dk", "dv", "ds0"), got, want, strict=True):
-        if name != "ds0" or with_state:
-            assert_close(a, b, F32_TOL, name)

@@ -1,0 +1,267 @@
+r"""Mutation check: plant known bugs in a copy of the project and show the tests catch each.
+
+Copies the repository's files (tracked and untracked, not ignored) to a temporary
+folder, runs the selected tests there once unmodified (they must pass, or the
+check means nothing), then for each mutation patches one source text, runs the
+tests that should catch it, and reports how many failed and the first failure's
+message. A mutation whose source text is no longer found is reported as
+"stale" (a kernel was rewritten: update its pattern here), never silently skipped.
+
+The mutations: the carried state (forward) or dKV (backward) rounded to the input
+dtype between blocks, in every kernel and the XLA path (the precision bug the
+suite missed before the derived tolerances); a final state rounded once; a
+query decay off by one row; a sequence-parallel combine decayed one row too many;
+the benchmark's FLOP count back to its d == e-only formula.
+
+  python experiments/mutation_check.py --nocontrol      # skip the unmodified runs
+  python experiments/mutation_check.py --nostop_at_first   # count every failing test
+  python experiments/mutation_check.py --only=triton_fwd_state_rounded,xla_fwd_state_rounded
+
+Exit status 1 if a mutation is missed or stale, or if the control run fails.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import NamedTuple
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("only", None, "Names of the mutations to run (default: all).")
+flags.DEFINE_bool("control", True, "First run every selected test subset unmodified.")
+flags.DEFINE_bool("keep", False, "Keep the temporary copy (its path is printed).")
+flags.DEFINE_bool(
+    "stop_at_first", True, "Stop each mutation's run at its first failing test (pytest -x)."
+)
+
+ROUND = ".astype({dtype}).astype(jnp.float32)"
+# The exact probe of the carried state, and the derived-tolerance tests at 2048 (no decay)
+# and 4096 (ALiBi) rows.
+PRECISION_TESTS = "test_carried_state or (test_low_precision and (n2048 or n4096))"
+
+
+class Mutation(NamedTuple):
+    name: str
+    path: str  # file in the repository
+    old: str  # source text to replace (must occur at least `occurrence` + 1 times)
+    new: str
+    tests: tuple[str, ...]  # pytest arguments selecting the tests that should catch it
+    occurrence: int = 0  # which occurrence of `old` to replace
+
+
+def _pallas(cls: str, expr: str) -> tuple[str, ...]:
+    return ("tests/test_pallas.py", "-k", f"{cls} and ({expr})")
+
+
+MUTATIONS = [
+    Mutation(
+        "triton_fwd_state_rounded",
+        "pallas_kernels/triton.py",
+        "return state_dec * kv + _dot(k_scaled, v, trans_a=True)",
+        "return (state_dec * kv + _dot(k_scaled, v, trans_a=True))"
+        + ROUND.format(dtype="in_dtype"),
+        _pallas("TestTritonInterpret", PRECISION_TESTS),
+    ),
+    Mutation(
+        "triton_dq_state_rounded",
+        "pallas_kernels/triton.py",
+        "return state_dec * kv + _dot(k_scaled, v, trans_a=True)",
+        "return (state_dec * kv + _dot(k_scaled, v, trans_a=True))"
+        + ROUND.format(dtype="in_dtype"),
+        _pallas("TestTritonInterpret", PRECISION_TESTS),
+        occurrence=1,
+    ),
+    Mutation(
+        "triton_bwd_dkv_rounded",
+        "pallas_kernels/triton.py",
+        "return state_dec * dkv + _dot(q_scaled, do, trans_a=True)",
+        "return (state_dec * dkv + _dot(q_scaled, do, trans_a=True))"
+        + ROUND.format(dtype="in_dtype"),
+        _pallas("TestTritonInterpret", PRECISION_TESTS),
+    ),
+    Mutation(
+        "triton_final_state_rounded_once",
+        "pallas_kernels/triton.py",
+        "state_ref[...] = kv",
+        "state_ref[...] = kv" + ROUND.format(dtype="q_ref.dtype"),
+        _pallas("TestTritonInterpret", PRECISION_TESTS),
+    ),
+    Mutation(
+        "mosaic_tpu_fwd_state_rounded",
+        "pallas_kernels/mosaic_tpu.py",
+        "kv_ref[...] = kv * state_dec + _dot(k_scaled, v, _TN)",
+        "kv_ref[...] = (kv * state_dec + _dot(k_scaled, v, _TN))" + ROUND.format(dtype="in_dtype"),
+        _pallas("TestMosaicTpuInterpret", PRECISION_TESTS),
+    ),
+    Mutation(
+        "mosaic_tpu_dq_state_rounded",
+        "pallas_kernels/mosaic_tpu.py",
+        "kv_ref[...] = kv * state_dec + _dot(k_scaled, v, _TN)",
+        "kv_ref[...] = (kv * state_dec + _dot(k_scaled, v, _TN))" + ROUND.format(dtype="in_dtype"),
+        _pallas("TestMosaicTpuInterpret", PRECISION_TESTS),
+        occurrence=1,
+    ),
+    Mutation(
+        "mosaic_tpu_bwd_dkv_rounded",
+        "pallas_kernels/mosaic_tpu.py",
+        "dkv_ref[...] = dkv * state_dec + _dot(q_scaled, do, _TN)",
+        "dkv_ref[...] = (dkv * state_dec + _dot(q_scaled, do, _TN))"
+        + ROUND.format(dtype="in_dtype"),
+        _pallas("TestMosaicTpuInterpret", PRECISION_TESTS),
+    ),
+    Mutation(
+        "xla_fwd_state_rounded",
+        "lightning_jax/xla.py",
+        "o_chunk, kv_next = _chunk_forward(*qkv, kv, dec)",
+        "o_chunk, kv_next = _chunk_forward(*qkv, kv, dec)\n"
+        "            kv_next = kv_next.astype(q.dtype).astype(dtype)",
+        ("tests/test_xla.py", "-k", PRECISION_TESTS),
+    ),
+    Mutation(
+        "xla_bwd_dkv_rounded",
+        "lightning_jax/xla.py",
+        "*chunk, dkv = _chunk_backward(*blocked, kv, dkv, dec)",
+        "*chunk, dkv = _chunk_backward(*blocked, kv, dkv, dec)\n"
+        "        dkv = dkv.astype(q.dtype).astype(dtype)",
+        ("tests/test_xla.py", "-k", PRECISION_TESTS),
+    ),
+    Mutation(
+        "triton_query_decay_off_by_one",
+        "pallas_kernels/triton.py",
+        "q_dec = jnp.exp(-slope * (rows + 1).astype(jnp.float32))",
+        "q_dec = jnp.exp(-slope * rows.astype(jnp.float32))",
+        _pallas("TestTritonInterpret", "test_forward_and_grads_f32 and strong"),
+    ),
+    Mutation(
+        "sp_combine_decay_one_row_too_many",
+        "lightning_jax/parallel.py",
+        "x = x + _scale(_decay(slopes, shift * m), received)",
+        "x = x + _scale(_decay(slopes, shift * m + 1), received)",
+        ("tests/test_parallel.py", "-k", "test_sharded_matches_single_device and P4"),
+    ),
+    Mutation(
+        "bench_flops_d_equals_e_formula",
+        "experiments/bench_ops.py",
+        "per_row = 2 * USEFUL_BLOCK * d + 2 * USEFUL_BLOCK * e + 2 * d * e + 2 * d * e",
+        "per_row = 2 * USEFUL_BLOCK * d + 2 * USEFUL_BLOCK * d + 2 * d * e + 2 * d * e",
+        ("tests/test_bench_ops.py", "-k", "flops"),
+    ),
+]
+
+
+def copy_repository(root: str, dest: str) -> None:
+    """The files git sees (tracked, and untracked but not ignored) into dest."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=root,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\0")
+    for rel in filter(None, listed):
+        src = os.path.join(root, rel)
+        if os.path.isfile(src):
+            os.makedirs(os.path.dirname(os.path.join(dest, rel)) or dest, exist_ok=True)
+            shutil.copy2(src, os.path.join(dest, rel))
+
+
+def apply(mutation: Mutation, root: str) -> str | None:
+    """Patches the copy at root; returns the original text, or None if `old` is not there."""
+    path = os.path.join(root, mutation.path)
+    with open(path) as f:
+        text = f.read()
+    starts = [m.start() for m in re.finditer(re.escape(mutation.old), text)]
+    if len(starts) <= mutation.occurrence:
+        return None
+    at = starts[mutation.occurrence]
+    with open(path, "w") as f:
+        f.write(text[:at] + mutation.new + text[at + len(mutation.old) :])
+    return text
+
+
+def run_tests(root: str, args: tuple[str, ...], stop_at_first: bool = False) -> dict:
+    """pytest in the copy: {'passed', 'failed', 'first_failure', 'seconds', 'output'}."""
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    env.pop("PYTHONPATH", None)  # the copy's pyproject puts the copy first on the path
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rf"]
+        + (["-x"] if stop_at_first else [])
+        + list(args),
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    out = proc.stdout + proc.stderr
+
+    def count(word):
+        found = re.findall(rf"(\d+) {word}", out.splitlines()[-1] if out else "")
+        return int(found[0]) if found else 0
+
+    failures = [line for line in out.splitlines() if line.startswith("FAILED ")]
+    return dict(
+        passed=count("passed"),
+        failed=count("failed") + count("error"),
+        returncode=proc.returncode,
+        first_failure=failures[0][7:] if failures else "",
+        seconds=time.perf_counter() - start,
+        output=out,
+    )
+
+
+def main(argv):
+    del argv
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    selected = [m for m in MUTATIONS if not FLAGS.only or m.name in FLAGS.only]
+    unknown = set(FLAGS.only or ()) - {m.name for m in MUTATIONS}
+    if unknown:
+        raise SystemExit(f"--only names unknown mutations {sorted(unknown)}")
+    work = tempfile.mkdtemp(prefix="lightning_mutation_")
+    copy_repository(root, work)
+    print(f"copy of the project: {work}")
+    ok = True
+    if FLAGS.control:
+        for args in dict.fromkeys(m.tests for m in selected):
+            result = run_tests(work, args)
+            status = "pass" if result["returncode"] == 0 and result["passed"] else "FAIL"
+            ok &= status == "pass"
+            print(f"control {' '.join(args)}: {status} ({result['passed']} passed, "
+                  f"{result['failed']} failed, {result['seconds']:.0f} s)", flush=True)  # fmt: skip
+            if status != "pass":
+                print(result["output"][-3000:])
+    print(f"{'mutation':>36} {'result':>7} {'failed':>6} {'ran':>3} {'s':>5}  first failure")
+    for mutation in selected:
+        original = apply(mutation, work)
+        if original is None:
+            ok = False
+            print(f"{mutation.name:>36} {'STALE':>7}  (text not found in {mutation.path})")
+            continue
+        try:
+            result = run_tests(work, mutation.tests, FLAGS.stop_at_first)
+        finally:
+            with open(os.path.join(work, mutation.path), "w") as f:
+                f.write(original)
+        caught = result["failed"] > 0
+        ok &= caught
+        total = result["failed"] + result["passed"]
+        print(
+            f"{mutation.name:>36} {'caught' if caught else 'MISSED':>7} {result['failed']:>6} "
+            f"{total:>3} {result['seconds']:>5.0f}  {result['first_failure'][:160]}",
+            flush=True,
+        )
+    if not FLAGS.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    print("every mutation caught" if ok else "NOT every mutation caught (or control failed)")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    app.run(main)

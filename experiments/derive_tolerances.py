@@ -34,7 +34,9 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("impls", ["xla", "triton", "mosaic_tpu"], "Implementations to measure.")
+flags.DEFINE_list(
+    "impls", ["xla", "triton", "mosaic_tpu", "mosaic_gpu"], "Implementations to measure."
+)
 flags.DEFINE_list("dtypes", ["float32", "bfloat16", "float16"], "Input dtypes.")
 flags.DEFINE_integer("extra_seeds", 1, "Seeds measured besides the tests' own seed.")
 flags.DEFINE_float("factor", 4.0, "Tolerance = factor x the worst measured error.")
@@ -72,6 +74,16 @@ def measure(impl: str, dtype_name: str, extra_seeds: int) -> dict:
         cases, seed0 = base.CASES, base.F32_SEED
     else:
         cases, seed0 = base.LOW_PRECISION_CASES, base.LOW_PRECISION_SEED
+    if impl == "mosaic_gpu":  # its slow interpreter runs a subset: the cases its tests use
+        import test_mosaic_gpu
+
+        float32 = dtype == jnp.float32
+        cases = (
+            test_mosaic_gpu.INTERPRET_CASES
+            if float32
+            else test_mosaic_gpu.LOW_PRECISION_INTERPRET_CASES
+        )
+        suite = test_mosaic_gpu.TestMosaicGpuInterpret()
     seeds = [seed0] + [seed0 + SEED_STEP * (i + 1) for i in range(extra_seeds)]
     errors = {}
     for case in cases:

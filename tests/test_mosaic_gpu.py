@@ -33,10 +33,7 @@ import pytest
 import lightning_jax as lj
 from lightning_jax import api, reference
 from op_test_base import (
-    BF16_GRAD_TOL,
-    BF16_OUT_TOL,
     CASES,
-    F32_TOL,
     LightningOpTestBase,
     assert_close,
     assert_rms_close,
@@ -48,6 +45,13 @@ from op_test_base import (
 from pallas_kernels import mosaic_gpu
 
 REPO = Path(__file__).resolve().parents[1]
+# Tolerances of the tests below that are not cases of the shared suite (sequence
+# splits, the device tests): relative to the reference's scale, max error for
+# float32, RMS for bf16 (outputs, gradients); the shared suite's cases use the
+# derived per-case tolerances (tests/tolerances.json).
+F32_TOL = 1e-5
+BF16_OUT_TOL = 5e-3
+BF16_GRAD_TOL = 1e-2
 GPU_TARGETS = REPO / "experiments" / "gpu_targets"
 
 
@@ -74,6 +78,8 @@ def test_race_detector_sees_every_kernel(interpreter_races):
 # seq 1; odd seq, partial block, d != e, non-power-of-two d and e; an exact block with no
 # decay; two blocks, the second of 1 row, d = 16; d = 256; three e-tiles (e = 192).
 INTERPRET_CASES = [CASES[0], CASES[1], CASES[2], CASES[3], CASES[7], CASES[8]]
+# bf16 / f16: odd seq with a partial block and d != e; a 1-row last block (strong decay).
+LOW_PRECISION_INTERPRET_CASES = [CASES[1], CASES[3]]
 
 
 class TestMosaicGpuInterpret(LightningOpTestBase):
@@ -87,7 +93,7 @@ class TestMosaicGpuInterpret(LightningOpTestBase):
         LightningOpTestBase.test_forward_and_grads_f32(self, case)
 
     @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
-    @pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=case_id)
+    @pytest.mark.parametrize("case", LOW_PRECISION_INTERPRET_CASES, ids=case_id)
     def test_low_precision(self, case, dtype):
         LightningOpTestBase.test_low_precision(self, case, dtype)
 

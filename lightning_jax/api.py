@@ -2,26 +2,40 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 
 from lightning_jax import reference
-from lightning_jax._checks import check_inputs, compute_dtype
+from lightning_jax._checks import check_inputs, check_segment_ids, compute_dtype
 from lightning_jax.xla import lightning_attention_xla
 
 
-def _xla(q, k, v, slopes, initial_state, block_size, interpret, precision):
+def _xla(q, k, v, slopes, initial_state, block_size, interpret, precision, segment_ids=None):
     del interpret  # plain XLA: runs on every backend
     return lightning_attention_xla(
-        q, k, v, slopes, initial_state, block_size=block_size, precision=precision
+        q,
+        k,
+        v,
+        slopes,
+        initial_state,
+        block_size=block_size,
+        precision=precision,
+        segment_ids=segment_ids,
     )
 
 
-def _reference(q, k, v, slopes, initial_state, block_size, interpret, precision):
+def _reference(q, k, v, slopes, initial_state, block_size, interpret, precision, segment_ids=None):
     del block_size, interpret, precision  # the reference has no tiling and is always exact
     return reference.naive_attention(
-        q, k, v, slopes, initial_state=initial_state, return_final_state=True
+        q,
+        k,
+        v,
+        slopes,
+        initial_state=initial_state,
+        return_final_state=True,
+        segment_ids=segment_ids,
     )
 
 
@@ -56,7 +70,7 @@ def _mosaic_tpu(q, k, v, slopes, initial_state, block_size, interpret, precision
 
 
 # name -> fn(q, k, v, slopes [H] f32, initial_state [B, H, d, e], block_size, interpret,
-#            precision) -> (o, final_state)
+#            precision[, segment_ids=None]) -> (o, final_state)
 _IMPLS: dict[str, Callable] = {
     "xla": _xla,
     "reference": _reference,
@@ -64,6 +78,8 @@ _IMPLS: dict[str, Callable] = {
     "mosaic_tpu": _mosaic_tpu,
 }
 _PALLAS_IMPLS = ("triton", "mosaic_tpu")
+# The implementations that take `segment_ids`; any other refuses them (never ignores them).
+_SEGMENT_IMPLS = ("xla", "reference")
 # Matmul precision for float32 inputs (see `lightning_attention`).
 PRECISIONS = ("default", "highest")
 # The best implementation per backend; anything else (CPU) takes the XLA path.
@@ -95,6 +111,7 @@ def lightning_attention(
     block_size: int | None = None,
     interpret: bool | None = None,
     precision: str = "default",
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Causal linear attention with a per-head exponential decay (Lightning Attention-2).
 
@@ -134,6 +151,17 @@ def lightning_attention(
         exact float32 matmuls everywhere (slower on GPU and TPU). bfloat16 and
         float16 inputs always multiply in their own type with float32
         accumulation. "reference" is always exact.
+      segment_ids: optional integer `[B, T]` ids for packed sequences. Only runs
+        of equal ids matter (ids need not be sorted, distinct across runs or
+        contiguous numbers): where the id changes (segment_ids[b, t] !=
+        segment_ids[b, t-1]) the state is reset to zero, so a token sees only
+        the earlier tokens of its own run. `initial_state` feeds the first run
+        of each row only; the final state is that of the last run. Padding
+        tokens (e.g. id 0) get no special case: a run of them is a segment of
+        its own, so they neither see nor disturb the documents around them;
+        their outputs are meaningless and should be masked out of a loss. None:
+        the whole row is one sequence (the unsegmented code path, same cost).
+        Not differentiable (integers). Taken by "xla" and "reference".
 
     Returns:
       o `[B, H, T, E]` in q's dtype (accumulated in float32); with
@@ -143,10 +171,15 @@ def lightning_attention(
     Raises:
       ValueError: a wrong rank or shape (naming the argument and shapes), an
         unknown `impl` or `precision`, a non-positive `block_size`, negative
-        slopes.
-      TypeError: a non-floating dtype, or float64 inputs to a Pallas kernel.
+        slopes, `segment_ids` not `[B, T]`.
+      TypeError: a non-floating dtype, non-integer `segment_ids`, or float64
+        inputs to a Pallas kernel.
+      NotImplementedError: `segment_ids` given to an implementation that does
+        not support them yet.
     """
     slopes = check_inputs(q, k, v, slopes, initial_state)
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, q.shape[0], q.shape[2])
     if not isinstance(return_final_state, bool):
         raise TypeError(f"return_final_state must be a bool, got {return_final_state!r}")
     if block_size is not None and (
@@ -165,9 +198,15 @@ def lightning_attention(
                     f"{arg_name} is float64; the Pallas kernels take float32, bfloat16 or "
                     'float16 (use impl="xla" for float64)'
                 )
+    if segment_ids is not None and name not in _SEGMENT_IMPLS:
+        raise NotImplementedError(
+            f"segment_ids are not supported by impl={name!r} yet; use one of {_SEGMENT_IMPLS}"
+        )
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     fn = _IMPLS[name]
+    if segment_ids is not None:
+        fn = functools.partial(fn, segment_ids=segment_ids)
 
     dtype = compute_dtype(q, k, v)
     batch, heads, _, d = q.shape

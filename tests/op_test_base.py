@@ -100,6 +100,29 @@ def loss_and_grads(fn, q, k, v, s0, do, ds):
     return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, s0)
 
 
+def random_runs(seed: int, batch: int, seq: int, max_len: int = 12) -> np.ndarray:
+    """int32 `[batch, seq]` segment ids with random run lengths, many of length 1.
+
+    Ids alternate between a few values that repeat across non-adjacent runs
+    (e.g. 7, 0, 7, 3), since only runs of equal ids matter, not the numbers.
+    """
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((batch, seq), np.int32)
+    for row in ids:
+        t, label = 0, 7
+        while t < seq:
+            length = 1 if rng.random() < 0.3 else int(rng.integers(2, max_len + 1))
+            row[t : t + length] = label
+            label = int(rng.choice([x for x in (0, 3, 7) if x != label]))
+            t += length
+    return ids
+
+
+def run_starts(ids: np.ndarray) -> list[int]:
+    """Positions where a new run starts in a 1-D id row (0 included)."""
+    return [0] + [t for t in range(1, len(ids)) if ids[t] != ids[t - 1]]
+
+
 F32_TOL = 1e-5
 BF16_OUT_TOL = 5e-3
 BF16_GRAD_TOL = 1e-2
@@ -113,6 +136,9 @@ class LightningOpTestBase:
     # False where the op cannot sit under jax.checkpoint in this test's mode (the
     # Pallas TPU interpreter simulates memory with io_callbacks, which remat refuses).
     checkpoint_ok: ClassVar[bool] = True
+    # False for an implementation that refuses `segment_ids` (NotImplementedError, tested
+    # by test_segment_ids_refused_until_supported); its segment tests are skipped.
+    supports_segment_ids: ClassVar[bool] = True
 
     def op(self, q, k, v, slopes=None, **kwargs):
         return lj.lightning_attention(q, k, v, slopes, impl=self.impl, **self.op_kwargs, **kwargs)
@@ -216,6 +242,154 @@ class LightningOpTestBase:
         assert isinstance(o, jax.Array) and o.shape == (1, 2, 20, 8)
         assert_close(o, reference.naive_attention(q, k, v), F32_TOL, "o without state")
 
+    # --- packed sequences (segment_ids) ------------------------------------------------------
+
+    def _require_segments(self):
+        if not self.supports_segment_ids:
+            pytest.skip(f"impl={self.impl!r} does not take segment_ids yet (refusal tested)")
+
+    def _check_segments(self, q, k, v, s0, do, ds, slopes, ids, block_size):
+        """Forward, final state and all gradients with `ids` vs the reference's."""
+        fn = self.stateful_segments(slopes, ids, block_size)
+
+        def ref_fn(q, k, v, s0):
+            return reference.naive_attention(
+                q, k, v, slopes, initial_state=s0, return_final_state=True, segment_ids=ids
+            )
+
+        o, state = jax.jit(fn)(q, k, v, s0)
+        o_ref, state_ref = ref_fn(q, k, v, s0)
+        o_rec, state_rec = reference.recurrent_attention(
+            q, k, v, slopes, initial_state=s0, return_final_state=True, segment_ids=ids
+        )
+        for name, got, want in (
+            ("o vs naive", o, o_ref),
+            ("final state vs naive", state, state_ref),
+            ("o vs recurrent", o, o_rec),
+            ("final state vs recurrent", state, state_rec),
+        ):
+            assert_close(got, want, F32_TOL, name)
+        grads = jax.jit(functools.partial(loss_and_grads, fn))(q, k, v, s0, do, ds)
+        ref_grads = loss_and_grads(ref_fn, q, k, v, s0, do, ds)
+        for name, g, g_ref in zip(("dq", "dk", "dv", "d_initial_state"), grads, ref_grads):
+            assert_close(g, g_ref, F32_TOL, name)
+
+    def stateful_segments(self, slopes, ids, block_size=None):
+        """(q, k, v, s0) -> (o, state) with `segment_ids=ids`."""
+        return lambda q, k, v, s0: self.op(
+            q,
+            k,
+            v,
+            slopes,
+            initial_state=s0,
+            return_final_state=True,
+            block_size=block_size,
+            segment_ids=ids,
+        )
+
+    def test_segment_ids_refused_until_supported(self):
+        q, k, v, *_ = make_inputs(20, 1, 2, 12, 8, 8)
+        ids = jnp.zeros((1, 12), jnp.int32)
+        if self.supports_segment_ids:
+            self.op(q, k, v, segment_ids=ids)
+        else:
+            with pytest.raises(NotImplementedError, match=f"segment_ids .*impl={self.impl!r}"):
+                self.op(q, k, v, segment_ids=ids)
+
+    @pytest.mark.parametrize(
+        "b, h, n, d, e, kind, block",
+        [(2, 2, 83, 16, 24, "strong", 16), (1, 3, 150, 8, 8, "alibi", 32)],
+    )
+    def test_segments_random_runs(self, b, h, n, d, e, kind, block):
+        """Random run lengths (many of length 1), ids reused across runs: vs the references."""
+        self._require_segments()
+        slopes = make_slopes(kind, h)
+        q, k, v, s0, do, ds = make_inputs(21, b, h, n, d, e)
+        ids = jnp.asarray(random_runs(21, b, n))
+        self._check_segments(q, k, v, s0, do, ds, slopes, ids, block)
+
+    def test_segment_boundary_at_every_offset(self):
+        """Row r of 16: runs [0, 16+r), [16+r] (length 1), (16+r, 48) with 16-row blocks.
+
+        So every offset 0..15 within a block holds a boundary in some row, and the
+        length-1 run puts two boundaries in one block (or the second on the next
+        block's edge, r = 15).
+        """
+        self._require_segments()
+        block, n = 16, 48
+        q, k, v, s0, do, ds = make_inputs(22, block, 2, n, 8, 12)
+        t = np.arange(n)[None, :]
+        at = block + np.arange(block)[:, None]
+        ids = jnp.asarray(np.where(t < at, 5, np.where(t == at, 9, 5)), jnp.int32)
+        self._check_segments(q, k, v, s0, do, ds, make_slopes("strong", 2), ids, block)
+
+    def test_segments_equal_separate_runs(self):
+        """Packed == each run separately (the reference without segment ids): outputs,
+        the final state and every gradient; the first run starts from s0, the others
+        from zero."""
+        self._require_segments()
+        h, n, d, e = 2, 70, 8, 12
+        slopes = make_slopes("strong", h)
+        q, k, v, s0, do, ds = make_inputs(23, 1, h, n, d, e)
+        ids_np = random_runs(23, 1, n)
+        starts = run_starts(ids_np[0]) + [n]
+        fn = self.stateful_segments(slopes, jnp.asarray(ids_np), 16)
+
+        def separate(q, k, v, s0):
+            outs, state = [], s0
+            for i, (lo, hi) in enumerate(zip(starts[:-1], starts[1:])):
+                state_in = s0 if i == 0 else jnp.zeros_like(s0)
+                o, state = reference.naive_attention(
+                    q[:, :, lo:hi],
+                    k[:, :, lo:hi],
+                    v[:, :, lo:hi],
+                    slopes,
+                    initial_state=state_in,
+                    return_final_state=True,
+                )
+                outs.append(o)
+            return jnp.concatenate(outs, axis=2), state
+
+        for name, got, want in zip(
+            ("o", "final state"), jax.jit(fn)(q, k, v, s0), separate(q, k, v, s0)
+        ):
+            assert_close(got, want, F32_TOL, name)
+        grads = jax.jit(functools.partial(loss_and_grads, fn))(q, k, v, s0, do, ds)
+        want = loss_and_grads(separate, q, k, v, s0, do, ds)
+        for name, g, g_ref in zip(("dq", "dk", "dv", "d_initial_state"), grads, want):
+            assert_close(g, g_ref, F32_TOL, name)
+
+    def test_segments_chain_identity(self):
+        """Packed [x1; x2] in one call == x1, then x2 from x1's final state, when the
+        split falls inside a run (a run that starts at the split would instead start
+        from zero: the caller passes a zero state there)."""
+        self._require_segments()
+        b, h, n, d, e = 2, 2, 90, 8, 8
+        slopes = make_slopes("strong", h)
+        q, k, v, s0, _, _ = make_inputs(24, b, h, n, d, e)
+        ids = random_runs(24, b, n)
+        split = next(t for t in range(40, n) if (ids[:, t] == ids[:, t - 1]).all())
+        ids = jnp.asarray(ids)
+        o, state = jax.jit(self.stateful_segments(slopes, ids, 16))(q, k, v, s0)
+        first = self.stateful_segments(slopes, ids[:, :split], 16)
+        second = self.stateful_segments(slopes, ids[:, split:], 16)
+        o1, mid = first(q[:, :, :split], k[:, :, :split], v[:, :, :split], s0)
+        o2, end = second(q[:, :, split:], k[:, :, split:], v[:, :, split:], mid)
+        assert_close(jnp.concatenate([o1, o2], axis=2), o, F32_TOL, "chained o")
+        assert_close(end, state, F32_TOL, "chained final state")
+
+    def test_one_segment_equals_no_segments(self):
+        """All ids equal (any value) == segment_ids=None."""
+        self._require_segments()
+        q, k, v, s0, _, _ = make_inputs(25, 1, 2, 40, 8, 8)
+        slopes = make_slopes("alibi", 2)
+        ids = jnp.full((1, 40), 3, jnp.int32)
+        for got, want in zip(
+            self.stateful_segments(slopes, ids, 16)(q, k, v, s0),
+            self.stateful(slopes, 16)(q, k, v, s0),
+        ):
+            assert_close(got, want, F32_TOL, "one segment")
+
     # --- composition -------------------------------------------------------------------------
 
     def test_vmap(self):
@@ -315,6 +489,27 @@ class LightningOpTestBase:
             (dict(block_size=16.0), ValueError, "block_size must be None or a positive int"),
             (dict(impl="flash"), ValueError, r"impl must be one of \('auto'"),
             (dict(return_final_state="yes"), TypeError, "return_final_state must be a bool"),
+            (
+                dict(segment_ids=jnp.zeros((1, 11), jnp.int32)),
+                ValueError,
+                r"segment_ids must have shape \[batch, seq\]",
+            ),
+            (
+                dict(segment_ids=jnp.zeros((2, 10), jnp.int32)),
+                ValueError,
+                r"segment_ids must have shape \[batch, seq\]",
+            ),
+            (
+                dict(segment_ids=jnp.zeros((1, 2, 10), jnp.int32)),
+                ValueError,
+                r"segment_ids must have shape \[batch, seq\]",
+            ),
+            (
+                dict(segment_ids=jnp.zeros((1, 10), jnp.float32)),
+                TypeError,
+                "segment_ids must have an integer dtype",
+            ),
+            (dict(segment_ids=[[0] * 10]), TypeError, "segment_ids must be an integer"),
         ],
     )
     def test_bad_input(self, change, error, match):

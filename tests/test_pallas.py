@@ -21,11 +21,13 @@ from op_test_base import LightningOpTestBase
 
 class TestTritonInterpret(LightningOpTestBase):
     impl = "triton"
+    supports_segment_ids = False
 
 
 class TestMosaicTpuInterpret(LightningOpTestBase):
     impl = "mosaic_tpu"
     checkpoint_ok = False  # the TPU interpreter's io_callbacks cannot be rematerialised
+    supports_segment_ids = False
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ def _reference(q, k, v, slopes, initial_state, block_size, interpret, precision,
     )
 
 
-def _triton(q, k, v, slopes, initial_state, block_size, interpret, precision):
+def _triton(q, k, v, slopes, initial_state, block_size, interpret, precision, segment_ids=None):
     from pallas_kernels.triton import lightning_attention_triton
 
     return lightning_attention_triton(
@@ -51,6 +51,7 @@ def _triton(q, k, v, slopes, initial_state, block_size, interpret, precision):
         block_size=block_size,
         interpret=interpret,
         precision=precision,
+        segment_ids=segment_ids,
     )
 
 
@@ -79,7 +80,7 @@ _IMPLS: dict[str, Callable] = {
 }
 _PALLAS_IMPLS = ("triton", "mosaic_tpu")
 # The implementations that take `segment_ids`; any other refuses them (never ignores them).
-_SEGMENT_IMPLS = ("xla", "reference")
+_SEGMENT_IMPLS = ("xla", "reference", "triton")
 # Matmul precision for float32 inputs (see `lightning_attention`).
 PRECISIONS = ("default", "highest")
 # The best implementation per backend; anything else (CPU) takes the XLA path.
@@ -161,7 +162,7 @@ def lightning_attention(
         its own, so they neither see nor disturb the documents around them;
         their outputs are meaningless and should be masked out of a loss. None:
         the whole row is one sequence (the unsegmented code path, same cost).
-        Not differentiable (integers). Taken by "xla" and "reference".
+        Not differentiable (integers). Taken by "xla", "reference" and "triton".
 
     Returns:
       o `[B, H, T, E]` in q's dtype (accumulated in float32); with

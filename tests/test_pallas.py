@@ -21,7 +21,6 @@ from op_test_base import LightningOpTestBase
 
 class TestTritonInterpret(LightningOpTestBase):
     impl = "triton"
-    supports_segment_ids = False
 
 
 class TestMosaicTpuInterpret(LightningOpTestBase):
@@ -100,6 +99,26 @@ def test_lowers_to_the_kernels(impl):
         assert calls.count(target) == kernels, calls
         # No XLA fallback: the sweep over the sequence is inside the kernels.
         assert "stablehlo.while" not in text
+
+
+@pytest.mark.parametrize("impl", ["triton"])
+def test_segmented_lowers_to_the_kernels(impl):
+    """With segment_ids the same kernels lower (no XLA fallback), forward and backward."""
+    platform, target = LOWERING[impl]
+    x = jax.ShapeDtypeStruct((2, 4, 2048, 128), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((2, 2048), jnp.int32)
+    slopes = lj.alibi_slopes(4)
+
+    def fwd_bwd(q, k, v, ids):
+        def loss(q, k, v):
+            o = lj.lightning_attention(q, k, v, slopes, impl=impl, interpret=False, segment_ids=ids)
+            return jnp.sum(o.astype(jnp.float32))
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    text = jax.jit(fwd_bwd).trace(x, x, x, ids).lower(lowering_platforms=(platform,)).as_text()
+    assert _custom_calls(text).count(target) == 1 + BACKWARD_KERNELS[impl]
+    assert "stablehlo.while" not in text
 
 
 @pytest.mark.parametrize("impl", sorted(LOWERING))

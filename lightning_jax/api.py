@@ -55,7 +55,7 @@ def _triton(q, k, v, slopes, initial_state, block_size, interpret, precision, se
     )
 
 
-def _mosaic_tpu(q, k, v, slopes, initial_state, block_size, interpret, precision):
+def _mosaic_tpu(q, k, v, slopes, initial_state, block_size, interpret, precision, segment_ids=None):
     from pallas_kernels.mosaic_tpu import lightning_attention_mosaic_tpu
 
     return lightning_attention_mosaic_tpu(
@@ -67,6 +67,7 @@ def _mosaic_tpu(q, k, v, slopes, initial_state, block_size, interpret, precision
         block_size=block_size,
         interpret=interpret,
         precision=precision,
+        segment_ids=segment_ids,
     )
 
 
@@ -80,7 +81,7 @@ _IMPLS: dict[str, Callable] = {
 }
 _PALLAS_IMPLS = ("triton", "mosaic_tpu")
 # The implementations that take `segment_ids`; any other refuses them (never ignores them).
-_SEGMENT_IMPLS = ("xla", "reference", "triton")
+_SEGMENT_IMPLS = ("xla", "reference", "triton", "mosaic_tpu")
 # Matmul precision for float32 inputs (see `lightning_attention`).
 PRECISIONS = ("default", "highest")
 # The best implementation per backend; anything else (CPU) takes the XLA path.
@@ -162,7 +163,7 @@ def lightning_attention(
         its own, so they neither see nor disturb the documents around them;
         their outputs are meaningless and should be masked out of a loss. None:
         the whole row is one sequence (the unsegmented code path, same cost).
-        Not differentiable (integers). Taken by "xla", "reference" and "triton".
+        Not differentiable (integers). Taken by "xla", "reference", "triton" and "mosaic_tpu".
 
     Returns:
       o `[B, H, T, E]` in q's dtype (accumulated in float32); with

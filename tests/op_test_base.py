@@ -390,6 +390,100 @@ class LightningOpTestBase:
         ):
             assert_close(got, want, F32_TOL, "one segment")
 
+    def varlen(self, q, k, v, slopes=None, **kwargs):
+        return lj.lightning_attention_varlen(
+            q, k, v, slopes, impl=self.impl, **self.op_kwargs, **kwargs
+        )
+
+    def test_varlen_equals_separate_sequences(self):
+        """Packed prefill of 4 sequences (one of length 1), each from its own state ==
+        each sequence alone with the reference: outputs, final states, all gradients."""
+        self._require_segments()
+        h, d, e = 2, 8, 12
+        lengths = [1, 17, 30, 9]
+        cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        total, n = int(cu[-1]), len(lengths)
+        slopes = make_slopes("strong", h)
+        q, k, v, _, do, _ = make_inputs(26, 1, h, total, d, e)
+        keys = jax.random.split(jax.random.PRNGKey(27), 2)
+        states0 = jax.random.normal(keys[0], (n, h, d, e))
+        d_states = jax.random.normal(keys[1], (n, h, d, e))
+
+        def packed(q, k, v, states0):
+            return self.varlen(
+                q,
+                k,
+                v,
+                slopes,
+                cu_seqlens=cu,
+                initial_states=states0,
+                return_final_states=True,
+                block_size=16,
+            )
+
+        def separate(q, k, v, states0):
+            outs, finals = [], []
+            for i in range(n):
+                rows = slice(int(cu[i]), int(cu[i + 1]))
+                o, state = reference.naive_attention(
+                    q[:, :, rows],
+                    k[:, :, rows],
+                    v[:, :, rows],
+                    slopes,
+                    initial_state=states0[i][None],
+                    return_final_state=True,
+                )
+                outs.append(o)
+                finals.append(state[0])
+            return jnp.concatenate(outs, axis=2), jnp.stack(finals)
+
+        got, want = jax.jit(packed)(q, k, v, states0), separate(q, k, v, states0)
+        assert got[1].shape == (n, h, d, e) and got[1].dtype == jnp.float32
+        for name, a, b in zip(("o", "final states"), got, want):
+            assert_close(a, b, F32_TOL, name)
+        grads = jax.jit(functools.partial(loss_and_grads, packed))(q, k, v, states0, do, d_states)
+        ref_grads = loss_and_grads(separate, q, k, v, states0, do, d_states)
+        for name, g, g_ref in zip(("dq", "dk", "dv", "d_initial_states"), grads, ref_grads):
+            assert_close(g, g_ref, F32_TOL, name)
+        # Without states: plain outputs, equal to the zero-state run.
+        o = self.varlen(q, k, v, slopes, cu_seqlens=cu, block_size=16)
+        assert_close(o, separate(q, k, v, jnp.zeros_like(states0))[0], F32_TOL, "o, no states")
+
+    @pytest.mark.parametrize(
+        "change, error, match",
+        [
+            (dict(cu_seqlens=np.array([0, 5, 5, 20])), ValueError, "strictly increasing"),
+            (dict(cu_seqlens=np.array([0, 12, 8, 20])), ValueError, "strictly increasing"),
+            (dict(cu_seqlens=np.array([2, 8, 20])), ValueError, "cu_seqlens must start at 0"),
+            (dict(cu_seqlens=np.array([0, 8, 19])), ValueError, "cu_seqlens must end at total"),
+            (dict(cu_seqlens=np.array([0, 8, 21])), ValueError, "cu_seqlens must end at total"),
+            (dict(cu_seqlens=np.array([0])), ValueError, r"cu_seqlens must have shape \[n \+ 1\]"),
+            (dict(cu_seqlens=np.array([[0, 20]])), ValueError, "cu_seqlens must have shape"),
+            (dict(cu_seqlens=np.array([0.0, 20.0])), TypeError, "cu_seqlens must have an integer"),
+            (
+                dict(initial_states=jnp.zeros((3, 2, 8, 8))),
+                ValueError,
+                r"initial_states must have shape \[n, heads, d, e\]",
+            ),
+            (dict(initial_states=jnp.zeros((2, 2, 8, 4))), ValueError, "initial_states must have"),
+            (dict(batch=2), ValueError, r"packed as \[1, heads, total, dim\]"),
+            (dict(return_final_states=1), TypeError, "return_final_states must be a bool"),
+        ],
+    )
+    def test_varlen_bad_input(self, change, error, match):
+        change = dict(change)
+        batch = change.pop("batch", 1)
+        x = jnp.zeros((batch, 2, 20, 8))
+        args = dict(cu_seqlens=np.array([0, 8, 20], np.int32))
+        args.update(change)
+        with pytest.raises(error, match=match):
+            self.varlen(x, x, x, **args)
+
+    def test_varlen_traced_cu_seqlens_is_refused(self):
+        x = jnp.zeros((1, 2, 20, 8))
+        with pytest.raises(TypeError, match="cu_seqlens must be concrete"):
+            jax.jit(lambda cu: self.varlen(x, x, x, cu_seqlens=cu))(jnp.array([0, 8, 20]))
+
     # --- composition -------------------------------------------------------------------------
 
     def test_vmap(self):

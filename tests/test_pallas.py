@@ -26,7 +26,6 @@ class TestTritonInterpret(LightningOpTestBase):
 class TestMosaicTpuInterpret(LightningOpTestBase):
     impl = "mosaic_tpu"
     checkpoint_ok = False  # the TPU interpreter's io_callbacks cannot be rematerialised
-    supports_segment_ids = False
 
 
 @pytest.mark.parametrize(
@@ -101,7 +100,7 @@ def test_lowers_to_the_kernels(impl):
         assert "stablehlo.while" not in text
 
 
-@pytest.mark.parametrize("impl", ["triton"])
+@pytest.mark.parametrize("impl", sorted(LOWERING))
 def test_segmented_lowers_to_the_kernels(impl):
     """With segment_ids the same kernels lower (no XLA fallback), forward and backward."""
     platform, target = LOWERING[impl]

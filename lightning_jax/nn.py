@@ -365,17 +365,12 @@ class LightningAttention(nnx.Module):
             mixes only with earlier tokens of its own run of equal ids (the
             state resets where the id changes; see `lightning_attention`). With
             `decode`, the cached state feeds the first run and the last run's
-            state is stored. Not yet with sequence parallelism.
+            state is stored.
 
         Returns:
           `[B, T, D]` in the compute dtype.
         """
         check_features(x, self.in_features, "LightningAttention")
-        if segment_ids is not None and self.seq_axis is not None and not decode:
-            raise NotImplementedError(
-                "LightningAttention: segment_ids with sequence parallelism (seq_axis) are not "
-                "supported yet"
-            )
         initial_state = None
         if decode:
             initial_state = self._cached_state(x.shape[0])

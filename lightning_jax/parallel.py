@@ -554,6 +554,7 @@ def lightning_attention_sharded(
     impl: str = "auto",
     block_size: int | None = None,
     combine: str = "ppermute",
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Sequence-parallel Lightning Attention on global arrays over a `Mesh`.
 
@@ -578,6 +579,8 @@ def lightning_attention_sharded(
       impl: the single-device implementation run on each shard.
       block_size: rows per block of that implementation (None: default).
       combine: "ppermute" (default) or "all_gather"; see `lightning_attention_sp`.
+      segment_ids: optional int `[B, T]` ids of packed sequences (the state
+        resets where the id changes); sharded like q. ppermute combine only.
 
     Returns:
       o `[B, H, T, E]` in q's dtype (sharded like q), or `(o, final_state)`.
@@ -592,6 +595,8 @@ def lightning_attention_sharded(
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     slopes = check_inputs(q, k, v, slopes, initial_state)
     _check_options(return_final_state, block_size, impl, combine)
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, q.shape[0], q.shape[2])
     seq_names = _mesh_axes(mesh, "seq_axis", seq_axis)
     batch_names = () if batch_axis is None else _mesh_axes(mesh, "batch_axis", batch_axis)
     if set(seq_names) & set(batch_names):
@@ -615,23 +620,33 @@ def lightning_attention_sharded(
     x_spec = P(batch_axis, None, seq_axis, None)
     state_spec = P(batch_axis, None, None, None)
     has_s0 = initial_state is not None
+    has_ids = segment_ids is not None
 
-    def body(q, k, v, slopes, *s0):
+    def body(q, k, v, slopes, *rest):
         return lightning_attention_sp(
             q,
             k,
             v,
             slopes,
             axis_name=seq_axis,
-            initial_state=s0[0] if has_s0 else None,
+            initial_state=rest[0] if has_s0 else None,
             return_final_state=True,
             impl=impl,
             block_size=block_size,
             combine=combine,
+            segment_ids=rest[-1] if has_ids else None,
         )
 
-    in_specs = (x_spec, x_spec, x_spec, P(None)) + ((state_spec,) if has_s0 else ())
-    args = (q, k, v, slopes) + ((initial_state,) if has_s0 else ())
+    in_specs = (
+        (x_spec, x_spec, x_spec, P(None))
+        + ((state_spec,) if has_s0 else ())
+        + ((P(batch_axis, seq_axis),) if has_ids else ())
+    )
+    args = (
+        (q, k, v, slopes)
+        + ((initial_state,) if has_s0 else ())
+        + ((segment_ids,) if has_ids else ())
+    )
     explicit = _explicit_axes(mesh)
     args = tuple(_place(x, mesh, spec, explicit) for x, spec in zip(args, in_specs))
     # check_vma=False: the single-device XLA path builds some scan carries with plain

@@ -393,3 +393,33 @@ def test_segment_ids_across_devices(check_vma):
     assert_close(state, state_want, F32_TOL, "final state")
     for name, g, g_want in zip(("dq", "dk", "dv", "d_initial_state"), grads, want_grads):
         assert_close(g, g_want, F32_TOL, name)
+
+
+def test_sharded_segment_ids_with_batch_axis():
+    """lightning_attention_sharded with segment ids, batch over 2 devices, seq over 4."""
+    mesh = make_mesh((2, 4), ("b", "x"))
+    slopes = make_slopes("alibi", 2)
+    ids = jnp.asarray(np.stack([np.repeat([0, 1, 0], [9, 30, 25]), np.repeat([2, 5], [16, 48])]))
+
+    def fn(q, k, v, s0):
+        return lightning_attention_sharded(
+            q, k, v, slopes, mesh=mesh, seq_axis="x", batch_axis="b", initial_state=s0,
+            return_final_state=True, block_size=8, segment_ids=ids,
+        )  # fmt: skip
+
+    def ref(q, k, v, s0):
+        return reference.naive_attention(
+            q, k, v, slopes, initial_state=s0, return_final_state=True, segment_ids=ids
+        )
+
+    inputs = make_inputs(41, 2, 2, 64, 8, 8)
+    (o, state), grads = outputs_and_grads(fn)(*inputs)
+    (o_want, state_want), want_grads = outputs_and_grads(ref)(*inputs)
+    assert_close(o, o_want, F32_TOL, "o")
+    assert_close(state, state_want, F32_TOL, "final state")
+    for name, g, g_want in zip(("dq", "dk", "dv", "d_initial_state"), grads, want_grads):
+        assert_close(g, g_want, F32_TOL, name)
+    with pytest.raises(NotImplementedError, match="combine=.ppermute"):
+        lightning_attention_sharded(
+            *inputs[:3], slopes, mesh=mesh, seq_axis="x", combine="all_gather", segment_ids=ids
+        )

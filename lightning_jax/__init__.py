@@ -5,6 +5,7 @@ import importlib
 from lightning_jax import reference
 from lightning_jax.api import available_impls, lightning_attention
 from lightning_jax.slopes import alibi_slopes, layer_slopes
+from lightning_jax.varlen import lightning_attention_varlen
 
 __version__ = "0.1.0"
 
@@ -28,5 +29,6 @@ __all__ = [
     "generate",
     "layer_slopes",
     "lightning_attention",
+    "lightning_attention_varlen",
     "reference",
 ]

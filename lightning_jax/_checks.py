@@ -101,3 +101,37 @@ def normalize_slopes(slopes, heads: int) -> jax.Array:
 def compute_dtype(*arrays) -> jnp.dtype:
     """float32, or float64 when an input is float64 (x64 enabled)."""
     return jnp.result_type(jnp.float32, *(a.dtype for a in arrays))
+
+
+def check_segment_ids(segment_ids, batch: int, seq: int) -> None:
+    """Checks `segment_ids` against the contract: an integer `[batch, seq]` array.
+
+    Raises:
+      TypeError: not an array, or a non-integer dtype.
+      ValueError: a shape other than `[batch, seq]`.
+    """
+    if not hasattr(segment_ids, "shape") or not hasattr(segment_ids, "dtype"):
+        raise TypeError(
+            f"segment_ids must be an integer [batch, seq] array, got {type(segment_ids).__name__}"
+        )
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise TypeError(f"segment_ids must have an integer dtype, got {segment_ids.dtype}")
+    if tuple(segment_ids.shape) != (batch, seq):
+        raise ValueError(
+            f"segment_ids must have shape [batch, seq] = {(batch, seq)}, got "
+            f"{tuple(segment_ids.shape)}"
+        )
+
+
+def segment_counts(segment_ids: jax.Array) -> jax.Array:
+    """int32 `[batch, seq]`: how many run boundaries lie at or before each position.
+
+    A run boundary is a position t > 0 whose id differs from the id at t - 1, so
+    two positions i >= j are in the same run exactly when their counts are equal
+    (counts never decrease along a row). Position 0 always has count 0.
+    """
+    changes = (segment_ids[:, 1:] != segment_ids[:, :-1]).astype(jnp.int32)
+    return jnp.concatenate(
+        [jnp.zeros_like(changes, shape=(changes.shape[0], 1)), jnp.cumsum(changes, axis=1)],
+        axis=1,
+    )

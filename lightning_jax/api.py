@@ -2,30 +2,44 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 
 from lightning_jax import reference
-from lightning_jax._checks import check_inputs, compute_dtype
+from lightning_jax._checks import check_inputs, check_segment_ids, compute_dtype
 from lightning_jax.xla import lightning_attention_xla
 
 
-def _xla(q, k, v, slopes, initial_state, block_size, interpret, precision):
+def _xla(q, k, v, slopes, initial_state, block_size, interpret, precision, segment_ids=None):
     del interpret  # plain XLA: runs on every backend
     return lightning_attention_xla(
-        q, k, v, slopes, initial_state, block_size=block_size, precision=precision
+        q,
+        k,
+        v,
+        slopes,
+        initial_state,
+        block_size=block_size,
+        precision=precision,
+        segment_ids=segment_ids,
     )
 
 
-def _reference(q, k, v, slopes, initial_state, block_size, interpret, precision):
+def _reference(q, k, v, slopes, initial_state, block_size, interpret, precision, segment_ids=None):
     del block_size, interpret, precision  # the reference has no tiling and is always exact
     return reference.naive_attention(
-        q, k, v, slopes, initial_state=initial_state, return_final_state=True
+        q,
+        k,
+        v,
+        slopes,
+        initial_state=initial_state,
+        return_final_state=True,
+        segment_ids=segment_ids,
     )
 
 
-def _triton(q, k, v, slopes, initial_state, block_size, interpret, precision):
+def _triton(q, k, v, slopes, initial_state, block_size, interpret, precision, segment_ids=None):
     from pallas_kernels.triton import lightning_attention_triton
 
     return lightning_attention_triton(
@@ -37,10 +51,11 @@ def _triton(q, k, v, slopes, initial_state, block_size, interpret, precision):
         block_size=block_size,
         interpret=interpret,
         precision=precision,
+        segment_ids=segment_ids,
     )
 
 
-def _mosaic_tpu(q, k, v, slopes, initial_state, block_size, interpret, precision):
+def _mosaic_tpu(q, k, v, slopes, initial_state, block_size, interpret, precision, segment_ids=None):
     from pallas_kernels.mosaic_tpu import lightning_attention_mosaic_tpu
 
     return lightning_attention_mosaic_tpu(
@@ -52,6 +67,7 @@ def _mosaic_tpu(q, k, v, slopes, initial_state, block_size, interpret, precision
         block_size=block_size,
         interpret=interpret,
         precision=precision,
+        segment_ids=segment_ids,
     )
 
 
@@ -71,7 +87,7 @@ def _mosaic_gpu(q, k, v, slopes, initial_state, block_size, interpret, precision
 
 
 # name -> fn(q, k, v, slopes [H] f32, initial_state [B, H, d, e], block_size, interpret,
-#            precision) -> (o, final_state)
+#            precision[, segment_ids=None]) -> (o, final_state)
 _IMPLS: dict[str, Callable] = {
     "xla": _xla,
     "reference": _reference,
@@ -80,6 +96,8 @@ _IMPLS: dict[str, Callable] = {
     "mosaic_gpu": _mosaic_gpu,
 }
 _PALLAS_IMPLS = ("triton", "mosaic_tpu", "mosaic_gpu")
+# The implementations that take `segment_ids`; any other refuses them (never ignores them).
+_SEGMENT_IMPLS = ("xla", "reference", "triton", "mosaic_tpu")
 # Matmul precision for float32 inputs (see `lightning_attention`).
 PRECISIONS = ("default", "highest")
 # The best implementation per backend; anything else (CPU) takes the XLA path.
@@ -138,6 +156,7 @@ def lightning_attention(
     block_size: int | None = None,
     interpret: bool | None = None,
     precision: str = "default",
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Causal linear attention with a per-head exponential decay (Lightning Attention-2).
 
@@ -186,6 +205,17 @@ def lightning_attention(
         exact float32 matmuls everywhere (slower on GPU and TPU). bfloat16 and
         float16 inputs always multiply in their own type with float32
         accumulation. "reference" is always exact.
+      segment_ids: optional integer `[B, T]` ids for packed sequences. Only runs
+        of equal ids matter (ids need not be sorted, distinct across runs or
+        contiguous numbers): where the id changes (segment_ids[b, t] !=
+        segment_ids[b, t-1]) the state is reset to zero, so a token sees only
+        the earlier tokens of its own run. `initial_state` feeds the first run
+        of each row only; the final state is that of the last run. Padding
+        tokens (e.g. id 0) get no special case: a run of them is a segment of
+        its own, so they neither see nor disturb the documents around them;
+        their outputs are meaningless and should be masked out of a loss. None:
+        the whole row is one sequence (the unsegmented code path, same cost).
+        Not differentiable (integers). Taken by "xla", "reference", "triton" and "mosaic_tpu".
 
     Returns:
       o `[B, H, T, E]` in q's dtype (accumulated in float32); with
@@ -195,10 +225,16 @@ def lightning_attention(
     Raises:
       ValueError: a wrong rank or shape (naming the argument and shapes), an
         unknown `impl` or `precision`, a non-positive `block_size`, negative or
-        non-finite slopes (not traced ones: see `slopes`).
-      TypeError: a non-floating dtype, or float64 inputs to a Pallas kernel.
+        non-finite slopes (not traced ones: see `slopes`), `segment_ids` not
+        `[B, T]`.
+      TypeError: a non-floating dtype, non-integer `segment_ids`, or float64
+        inputs to a Pallas kernel.
+      NotImplementedError: `segment_ids` given to an implementation that does
+        not support them yet.
     """
     slopes = check_inputs(q, k, v, slopes, initial_state)
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, q.shape[0], q.shape[2])
     if not isinstance(return_final_state, bool):
         raise TypeError(f"return_final_state must be a bool, got {return_final_state!r}")
     if block_size is not None and (
@@ -217,9 +253,15 @@ def lightning_attention(
                     f"{arg_name} is float64; the Pallas kernels take float32, bfloat16 or "
                     'float16 (use impl="xla" for float64)'
                 )
+    if segment_ids is not None and name not in _SEGMENT_IMPLS:
+        raise NotImplementedError(
+            f"segment_ids are not supported by impl={name!r} yet; use one of {_SEGMENT_IMPLS}"
+        )
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     fn = _IMPLS[name]
+    if segment_ids is not None:
+        fn = functools.partial(fn, segment_ids=segment_ids)
 
     dtype = compute_dtype(q, k, v)
     batch, heads, _, d = q.shape

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lightning_jax._checks import check_segment_ids
 from lightning_jax.nn import (
     SGLU,
     LightningAttention,
@@ -296,9 +297,12 @@ class TransNormerBlock(nnx.Module):
         self.channel_norm = SimpleRMSNorm(c.embed_dim, epsilon=c.epsilon)
         self.channel_mixer = SGLU(c.embed_dim, c.mlp_hidden_dim, **common)
 
-    def __call__(self, x: jax.Array, *, decode: bool = False) -> jax.Array:
-        """x `[B, T, D]` -> `[B, T, D]`."""
-        x = x + self.token_mixer(self.token_norm(x), decode=decode)
+    def __call__(
+        self, x: jax.Array, *, decode: bool = False, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
+        """x `[B, T, D]` -> `[B, T, D]`; segment_ids `[B, T]` as in the token mixer."""
+        kwargs = {} if segment_ids is None else {"segment_ids": segment_ids}
+        x = x + self.token_mixer(self.token_norm(x), decode=decode, **kwargs)
         return x + self.channel_mixer(self.channel_norm(x))
 
 
@@ -362,21 +366,28 @@ class TransNormerLM(nnx.Module):
             else:
                 mixer.init_cache(batch_size, self.config.max_seq_len)
 
-    def __call__(self, tokens: jax.Array, *, decode: bool = False) -> jax.Array:
+    def __call__(
+        self, tokens: jax.Array, *, decode: bool = False, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
         """Next-token logits.
 
         Args:
           tokens: int `[B, T]` ids in [0, vocab_size).
           decode: continue from the caches (after `init_cache`): the T tokens
             follow the ones already consumed, and the caches advance past them.
+          segment_ids: optional int `[B, T]` ids of packed documents: no token
+            sees another run of ids (linear layers reset their state, softmax
+            layers mask by run and restart rotary positions per run).
 
         Returns:
           logits `[B, T, V]` in the compute dtype.
         """
         check_tokens(tokens, self.config.vocab_size)
+        if segment_ids is not None:
+            check_segment_ids(segment_ids, tokens.shape[0], tokens.shape[1])
         x = self.embed(tokens)
         if self.config.scale_embedding:
             x = x * jnp.asarray(math.sqrt(self.config.embed_dim), x.dtype)
         for layer in self.layers:
-            x = layer(x, decode=decode)
+            x = layer(x, decode=decode, segment_ids=segment_ids)
         return self.lm_head(self.final_norm(x))

@@ -31,6 +31,7 @@ from flax.typing import Dtype, Initializer, PrecisionLike
 from jax import lax
 from jax.sharding import Mesh
 
+from lightning_jax._checks import segment_counts
 from lightning_jax.api import lightning_attention
 from lightning_jax.parallel import lightning_attention_sharded
 from lightning_jax.slopes import layer_slopes
@@ -363,13 +364,20 @@ class LightningAttention(nnx.Module):
         shape = (batch_size, self.num_heads, self.head_dim, self.head_dim)
         self.state = nnx.Cache(jnp.zeros(shape, dtype))
 
-    def __call__(self, x: jax.Array, *, decode: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, decode: bool = False, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
         """Mixes tokens causally.
 
         Args:
           x: `[B, T, D]` inputs.
           decode: continue from the cached state (after `init_cache`) and store
             the state after the last of these T tokens.
+          segment_ids: optional int `[B, T]` ids of packed documents: a token
+            mixes only with earlier tokens of its own run of equal ids (the
+            state resets where the id changes; see `lightning_attention`). With
+            `decode`, the cached state feeds the first run and the last run's
+            state is stored.
 
         Returns:
           `[B, T, D]` in the compute dtype.
@@ -381,6 +389,8 @@ class LightningAttention(nnx.Module):
         q, k, v, u = split_qkvu(self.qkvu_proj(x), self.num_heads, self.head_dim)
         slopes = self.slopes[...]
         op_kwargs = dict(impl=self.impl, block_size=self.block_size, interpret=self.interpret)
+        if segment_ids is not None:
+            op_kwargs["segment_ids"] = segment_ids
         if decode:
             o, state = lightning_attention(
                 q, k, v, slopes, initial_state=initial_state, return_final_state=True, **op_kwargs
@@ -421,7 +431,8 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10000.0) 
 
     Args:
       x: `[B, T, H, d]` with d even.
-      positions: `[T]` integer positions of the T rows.
+      positions: `[T]` integer positions of the T rows, or `[B, T]` per row
+        (e.g. restarting at every packed document: `segment_positions`).
       base: frequency base; pair i rotates by position * base^(-2i/d).
 
     Returns:
@@ -429,12 +440,27 @@ def rotary_embedding(x: jax.Array, positions: jax.Array, base: float = 10000.0) 
     """
     d = x.shape[-1]
     inv_freq = base ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)  # [d/2]
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, d/2]
-    cos = jnp.cos(angles)[None, :, None, :]
-    sin = jnp.sin(angles)[None, :, None, :]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [(B,) T, d/2]
+    cos = jnp.cos(angles)[..., None, :]  # broadcasts over heads (and batch for [T])
+    sin = jnp.sin(angles)[..., None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """int32 `[B, T]`: each token's position within its run of equal ids (0 at a run start)."""
+    seq = segment_ids.shape[1]
+    t = jnp.arange(seq, dtype=jnp.int32)[None, :]
+    starts = jnp.concatenate(
+        [
+            jnp.ones_like(segment_ids[:, :1], dtype=bool),
+            segment_ids[:, 1:] != segment_ids[:, :-1],
+        ],
+        axis=1,
+    )
+    run_start = lax.cummax(jnp.where(starts, t, 0), axis=1)
+    return t - run_start
 
 
 class SoftmaxAttention(nnx.Module):
@@ -513,19 +539,26 @@ class SoftmaxAttention(nnx.Module):
         self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
         self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
 
-    def __call__(self, x: jax.Array, *, decode: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, *, decode: bool = False, segment_ids: jax.Array | None = None
+    ) -> jax.Array:
         """Causal self-attention.
 
         Args:
           x: `[B, T, D]` inputs.
           decode: append to the KV cache (after `init_cache`) and attend to
             everything cached so far.
+          segment_ids: optional int `[B, T]` ids of packed documents: a token
+            attends only to earlier tokens of its own run of equal ids, and
+            rotary positions restart at 0 at every run. Not with `decode`.
 
         Returns:
           `[B, T, D]` in the compute dtype.
         """
         check_features(x, self.in_features, "SoftmaxAttention")
         batch, seq, _ = x.shape
+        if segment_ids is not None and decode:
+            raise NotImplementedError("SoftmaxAttention: segment_ids with decode=True")
         if decode:
             self._check_cache(batch, seq)
             start = self.cache_index[...]
@@ -534,6 +567,8 @@ class SoftmaxAttention(nnx.Module):
         qkv = self.qkv_proj(x).reshape(batch, seq, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, d]
         positions = start + jnp.arange(seq, dtype=jnp.int32)
+        if segment_ids is not None:
+            positions = segment_positions(segment_ids)  # [B, T]
         q = rotary_embedding(q, positions, self.rope_base)
         k = rotary_embedding(k, positions, self.rope_base)
         if decode:
@@ -551,6 +586,12 @@ class SoftmaxAttention(nnx.Module):
             o = jax.nn.dot_product_attention(
                 q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask[None, None]
             )
+        elif segment_ids is not None:
+            causal = jnp.tril(jnp.ones((seq, seq), bool))
+            run = segment_counts(segment_ids)  # equal counts: the same run of ids
+            same = run[:, :, None] == run[:, None, :]  # [B, T, T]
+            mask = (causal[None] & same)[:, None]  # [B, 1, T, T]
+            o = jax.nn.dot_product_attention(q, k, v, mask=mask)
         else:
             o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         return self.out_proj(o.reshape(batch, seq, self.num_heads * self.head_dim))

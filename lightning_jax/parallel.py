@@ -52,7 +52,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lightning_jax._checks import check_inputs, compute_dtype
+from lightning_jax._checks import check_inputs, check_segment_ids, compute_dtype, segment_counts
 from lightning_jax._vma import axis_names as _axis_names
 from lightning_jax._vma import to_varying as _to_varying
 from lightning_jax._vma import varying_axes as _varying_axes
@@ -251,7 +251,7 @@ def _q_decay(slopes: jax.Array, m: int) -> jax.Array:
     return jnp.exp(-slopes[:, None] * jnp.arange(1, m + 1, dtype=slopes.dtype))
 
 
-def _local_op(slopes, cfg: _Config):
+def _local_op(slopes, cfg: _Config, segment_ids=None):
     def op(q, k, v):
         # An explicit zero state typed like q (varying over the mesh axes q varies
         # over): a zero state built inside the op would be typed as replicated while
@@ -271,6 +271,7 @@ def _local_op(slopes, cfg: _Config):
             impl=cfg.impl,
             block_size=cfg.block_size,
             interpret=cfg.interpret,
+            **({} if segment_ids is None else {"segment_ids": segment_ids}),
         )
 
     return op
@@ -327,6 +328,48 @@ def _sp_bwd(cfg: _Config, res, cotangents):
 _sp.defvjp(_sp_fwd, _sp_bwd)
 
 
+def _sp_segmented(q, k, v, slopes, s0, segment_ids, cfg: _Config):
+    """Sequence parallelism with segment ids (ppermute combine, plain autodiff).
+
+    The combine becomes an affine scan over devices: S_out(p) = s_loc(p) +
+    A_p S_out(p-1), with A_p = lambda^m where device p's first row continues the
+    previous device's last run and its shard has no boundary inside, else 0. The
+    state entering device p reaches only its first run, and only if that run
+    continues from device p-1. The doubling scan composes (A, x) pairs.
+    """
+    dtype = compute_dtype(q, k, v)
+    n, axis = cfg.devices, cfg.axis_name
+    m = q.shape[2]
+    p = lax.axis_index(axis)
+    s = slopes.astype(dtype)
+    o_loc, s_loc = _local_op(slopes, cfg, segment_ids)(q, k, v)
+    counts = segment_counts(segment_ids)  # [B, m]
+    prev_last = _shift(segment_ids[:, -1], axis, n, 1)  # device p-1's last id
+    continues = (segment_ids[:, 0] == prev_last) | (p == 0)  # [B]
+    through = counts[:, -1] == 0  # no boundary inside this shard
+    gate = jnp.where((continues & through)[:, None], _decay(s, m)[None], 0)  # [B, H]
+    x = s_loc.astype(dtype)
+    s0c = None if s0 is None else s0.astype(dtype)
+    if s0c is not None:
+        x = x + jnp.where(p == 0, gate[..., None, None] * s0c, 0)
+    shift = 1
+    while shift < n:
+        received_x = _shift(x, axis, n, shift)
+        received_gate = _shift(gate, axis, n, shift)
+        x = x + gate[..., None, None] * received_x
+        gate = gate * received_gate
+        shift *= 2
+    s_in = _shift(x, axis, n, 1)  # the state after device p-1
+    if s0c is not None:
+        s_in = s_in + jnp.where(p == 0, s0c, 0)
+    s_in = jnp.where(continues[:, None, None, None], s_in, 0)
+    first_run = (counts == 0).astype(dtype)  # [B, m]: rows the incoming state reaches
+    q_dec = q.astype(dtype) * (_q_decay(s, m)[None] * first_run[:, None, :])[..., None]
+    correction = jnp.einsum("bhtd,bhde->bhte", q_dec, s_in, precision=HIGHEST)
+    o = (o_loc.astype(dtype) + correction).astype(q.dtype)
+    return o, _from_device(x, axis, p, n - 1).astype(jnp.float32)
+
+
 def _check_options(return_final_state, block_size, impl, combine, interpret) -> str:
     if not isinstance(return_final_state, bool):
         raise TypeError(f"return_final_state must be a bool, got {return_final_state!r}")
@@ -354,6 +397,7 @@ def lightning_attention_sp(
     block_size: int | None = None,
     combine: str = "ppermute",
     interpret: bool | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Sequence-parallel Lightning Attention, called inside `jax.shard_map`.
 
@@ -389,6 +433,11 @@ def lightning_attention_sp(
         interpreter, as in `lightning_attention`. None: exactly when the default
         backend is CPU; False forces the real kernel (what lowering for another
         platform on a CPU host needs). Ignored by "xla" and "reference".
+      segment_ids: optional int `[B, m]`, this device's shard of the global
+        `[B, T]` ids (sharded like q's sequence axis): the state resets where
+        the id changes, as in `lightning_attention`. A run that crosses a
+        device boundary carries its state across; one that starts on a device
+        does not receive the incoming state. ppermute combine only.
 
     Returns:
       o `[B, H, m, E]` (this device's rows) in q's dtype; with
@@ -406,6 +455,12 @@ def lightning_attention_sp(
     devices, typed = _check_axis(axis_name)
     _check_replicated("initial_state", initial_state, axis_name)
     _check_replicated("slopes", slopes, axis_name)
+    seg_kwargs = {}
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, q.shape[0], q.shape[2])
+        if combine != "ppermute":
+            raise NotImplementedError('segment_ids need combine="ppermute" (all_gather: not yet)')
+        seg_kwargs["segment_ids"] = segment_ids
     if devices == 1 and not typed:  # nothing to combine
         return lightning_attention(
             q,
@@ -417,10 +472,18 @@ def lightning_attention_sp(
             impl=name,
             block_size=block_size,
             interpret=interpret,
+            **seg_kwargs,
         )
     if typed:
         q, k, v = (_to_varying(x, axis_name) for x in (q, k, v))
     cfg = _Config(axis_name, devices, typed, name, block_size, combine, interpret)
+    if segment_ids is not None:
+        if typed:
+            segment_ids = _to_varying(segment_ids, axis_name)
+        o, final = _sp_segmented(
+            q, k, v, lax.stop_gradient(slopes), initial_state, segment_ids, cfg
+        )
+        return (o, final) if return_final_state else o
     o, final = _sp(q, k, v, lax.stop_gradient(slopes), initial_state, cfg)
     return (o, final) if return_final_state else o
 
@@ -475,6 +538,7 @@ def lightning_attention_sharded(
     block_size: int | None = None,
     combine: str = "ppermute",
     interpret: bool | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Sequence-parallel Lightning Attention on global arrays over a `Mesh`.
 
@@ -502,6 +566,8 @@ def lightning_attention_sharded(
       interpret: Pallas implementations only: run the kernel in the Pallas
         interpreter (None: exactly when the default backend is CPU); see
         `lightning_attention`.
+      segment_ids: optional int `[B, T]` ids of packed sequences (the state
+        resets where the id changes); sharded like q. ppermute combine only.
 
     Returns:
       o `[B, H, T, E]` in q's dtype (sharded like q), or `(o, final_state)`.
@@ -516,6 +582,8 @@ def lightning_attention_sharded(
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     slopes = check_inputs(q, k, v, slopes, initial_state)
     _check_options(return_final_state, block_size, impl, combine, interpret)
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, q.shape[0], q.shape[2])
     seq_names = _mesh_axes(mesh, "seq_axis", seq_axis)
     batch_names = () if batch_axis is None else _mesh_axes(mesh, "batch_axis", batch_axis)
     if set(seq_names) & set(batch_names):
@@ -539,24 +607,34 @@ def lightning_attention_sharded(
     x_spec = P(batch_axis, None, seq_axis, None)
     state_spec = P(batch_axis, None, None, None)
     has_s0 = initial_state is not None
+    has_ids = segment_ids is not None
 
-    def body(q, k, v, slopes, *s0):
+    def body(q, k, v, slopes, *rest):
         return lightning_attention_sp(
             q,
             k,
             v,
             slopes,
             axis_name=seq_axis,
-            initial_state=s0[0] if has_s0 else None,
+            initial_state=rest[0] if has_s0 else None,
             return_final_state=True,
             impl=impl,
             block_size=block_size,
             combine=combine,
             interpret=interpret,
+            segment_ids=rest[-1] if has_ids else None,
         )
 
-    in_specs = (x_spec, x_spec, x_spec, P(None)) + ((state_spec,) if has_s0 else ())
-    args = (q, k, v, slopes) + ((initial_state,) if has_s0 else ())
+    in_specs = (
+        (x_spec, x_spec, x_spec, P(None))
+        + ((state_spec,) if has_s0 else ())
+        + ((P(batch_axis, seq_axis),) if has_ids else ())
+    )
+    args = (
+        (q, k, v, slopes)
+        + ((initial_state,) if has_s0 else ())
+        + ((segment_ids,) if has_ids else ())
+    )
     explicit = _explicit_axes(mesh)
     args = tuple(_place(x, mesh, spec, explicit) for x, spec in zip(args, in_specs))
     # check_vma=False: the single-device XLA path builds some scan carries with plain

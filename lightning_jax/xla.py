@@ -14,6 +14,14 @@ forward (one d x e state per chunk).
 A last block shorter than `block` (seq not a multiple of it) uses its true
 length in the key and block decays (docs/design.md section 2), so the final state is
 exact. No decay with a negative exponent is ever formed.
+
+Segment ids (packed sequences) enter only through the decay tables: with the
+cumulative count of run boundaries at each row, rows i >= j are in the same run
+exactly when their counts are equal, so every decay factor that spans a boundary
+is multiplied by zero (`_cut`): the intra-block mask, the block-start state
+reaching a row, a key reaching its block's end state, and the block-to-block
+and chunk-to-block state carries. A boundary may fall anywhere inside a block.
+Without segment ids that step is skipped entirely (a static branch).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from lightning_jax._checks import segment_counts
 from lightning_jax._vma import match_varying
 
 # `precision` argument -> lax precision of every matmul (DEFAULT is exact on CPU,
@@ -42,8 +51,8 @@ def _einsum(spec: str, a: jax.Array, b: jax.Array, precision: lax.Precision) -> 
 class _Decays(NamedTuple):
     """Decay factors of one chunk of `blocks` blocks of `block` rows, per head."""
 
-    q: jax.Array  # [G, C]: lambda^(i+1) on query row i
-    mask: jax.Array  # [G, C, C]: lambda^(i-j) for i >= j, else 0
+    q: jax.Array  # [G, 1, C] ([G, nb, C] cut by segments): lambda^(i+1) on query row i
+    mask: jax.Array  # [G, 1, C, C] ([G, nb, C, C] cut): lambda^(i-j) for i >= j, else 0
     k: jax.Array  # [G, nb, C]: lambda^(len_c-1-j) on key row j of block c
     prefix: jax.Array  # [G, nb+1, nb]: increment of block c' -> start of block c
     suffix: jax.Array  # [G, nb, nb+1]: prefix transposed (the reverse sweep of dKV)
@@ -77,13 +86,34 @@ def _decays(slopes: jax.Array, block: int, blocks: int, valid: int, dtype) -> _D
         return jnp.exp(-s.reshape((-1,) + (1,) * e.ndim) * e.astype(np.float32))
 
     return _Decays(
-        q=decay(exps["q"]),
-        mask=jnp.where(gap >= 0, decay(exps["mask"]), 0),
+        q=decay(exps["q"])[:, None],
+        mask=jnp.where(gap >= 0, decay(exps["mask"]), 0)[:, None],
         k=decay(exps["k"]),
         prefix=jnp.where(later, decay(exps["prefix"]), 0),
         # Built transposed rather than transposing `prefix`, so the matmul stays row-major.
         suffix=jnp.where(later.T, decay(exps["prefix"].T), 0),
         carry=decay(exps["carry"]),
+    )
+
+
+def _cut(dec: _Decays, counts: jax.Array, before: jax.Array) -> _Decays:
+    """The decays of one chunk with every factor that spans a run boundary zeroed.
+
+    counts: int `[G, nb, C]` boundary counts of the chunk's rows (padding rows
+    repeat the last real row's count); before: `[G]` the count of the row before
+    the chunk (0 for the first chunk). Rows with equal counts are in one run.
+    """
+    ends = counts[:, :, -1]  # [G, nb]: count at the end of each block
+    pre = jnp.concatenate([before[:, None], ends], axis=1)  # [G, nb+1]: before block c
+    # The increment of block c' reaches the start of block c iff no boundary between.
+    reaches = ends[:, None, :] == pre[:, :, None]  # [G, nb+1, nb]
+    return _Decays(
+        q=dec.q * (counts == pre[:, :-1, None]),
+        mask=dec.mask * (counts[..., :, None] == counts[..., None, :]),
+        k=dec.k * (counts == ends[..., None]),
+        prefix=dec.prefix * reaches,
+        suffix=dec.suffix * _t(reaches),
+        carry=dec.carry * (pre == before[:, None]),
     )
 
 
@@ -126,10 +156,10 @@ def _block_states(k_t, v, kv, dec: _Decays, precision: lax.Precision):
 def _chunk_forward(q, k, v, kv, dec: _Decays, precision: lax.Precision):
     """Output rows [G, nb, C, e] of one chunk and the state after it."""
     (k_t,) = _transposed(k)
-    scores = _einsum("gncd,gndk->gnck", q, k_t, precision) * dec.mask[:, None]
+    scores = _einsum("gncd,gndk->gnck", q, k_t, precision) * dec.mask
     o = _einsum("gnck,gnke->gnce", scores, v, precision)
     starts = _block_states(k_t, v, kv, dec, precision)
-    o = o + _einsum("gncd,gnde->gnce", q, starts[:, :-1], precision) * dec.q[:, None, :, None]
+    o = o + _einsum("gncd,gnde->gnce", q, starts[:, :-1], precision) * dec.q[..., None]
     return o, starts[:, -1]
 
 
@@ -141,18 +171,18 @@ def _chunk_backward(q, k, v, do, kv, dkv_end, dec: _Decays, precision: lax.Preci
     q_t, k_t, do_t = _transposed(q, k, do)
     starts = _block_states(k_t, v, kv, dec, precision)
     # dL/d(start state of block c) from the outputs of block c, and from the chunk end.
-    grads = _einsum("gndc,gnce->gnde", q_t, do * dec.q[:, None, :, None], precision)
+    grads = _einsum("gndc,gnce->gnde", q_t, do * dec.q[..., None], precision)
     grads = jnp.concatenate([grads, dkv_end[:, None]], axis=1)  # [G, nb+1, d, e]
     # dL/d(state increment of block c'): the transposed prefix sweep (dKV in reverse).
     d_increments = _prefix(dec.suffix, grads)
     dkv_start = _prefix(dec.carry[:, None, :], grads)[:, 0]
 
-    mask_t = _t(dec.mask)[:, None]
+    mask_t = _t(dec.mask)
     dscores_t = _einsum("gnke,gnec->gnkc", v, do_t, precision) * mask_t  # [.., key, query]
     scores_t = _einsum("gnkd,gndc->gnkc", k, q_t, precision) * mask_t
     dscores, starts_t, d_increments_t = _transposed(dscores_t, starts[:, :-1], d_increments)
     dq = _einsum("gnck,gnkd->gncd", dscores, k, precision)
-    dq = dq + _einsum("gnce,gned->gncd", do, starts_t, precision) * dec.q[:, None, :, None]
+    dq = dq + _einsum("gnce,gned->gncd", do, starts_t, precision) * dec.q[..., None]
     dk = _einsum("gnkc,gncd->gnkd", dscores_t, q, precision)
     dk = dk + _einsum("gnce,gned->gncd", v, d_increments_t, precision) * dec.k[..., None]
     dv = _einsum("gnkc,gnce->gnke", scores_t, do, precision)
@@ -192,7 +222,19 @@ def _write(buf: jax.Array, start, rows: int, blocked: jax.Array) -> jax.Array:
     return lax.dynamic_update_slice_in_dim(buf, x, start, axis=1)
 
 
-def _forward(q, k, v, slopes, s0, plan: _Plan):
+def _chunk_decays(dec: _Decays, counts, start, rows: int, padded: int, plan: _Plan) -> _Decays:
+    """`dec` for the chunk of rows [start, start+rows), cut at run boundaries if any."""
+    if counts is None:
+        return dec
+    chunk = lax.dynamic_slice_in_dim(counts, start, rows, axis=1)
+    if padded > rows:
+        chunk = jnp.pad(chunk, ((0, 0), (0, padded - rows)), mode="edge")
+    # counts[:, 0] == 0, so the first chunk reads "no boundary before it".
+    before = lax.dynamic_index_in_dim(counts, jnp.maximum(start - 1, 0), axis=1, keepdims=False)
+    return _cut(dec, chunk.reshape(chunk.shape[0], -1, plan.block), before)
+
+
+def _forward(q, k, v, slopes, s0, counts, plan: _Plan):
     """Returns o [G, T, e] in q's dtype, the final state, and what the backward needs."""
     dtype = s0.dtype
     # zeros_like keeps the inputs' type (e.g. their varying axes inside shard_map).
@@ -205,7 +247,8 @@ def _forward(q, k, v, slopes, s0, plan: _Plan):
             kv, o = carry
             start = i * plan.chunk
             qkv = (_read(x, start, plan.chunk, plan.chunk, plan, dtype) for x in (q, k, v))
-            o_chunk, kv_next = _chunk_forward(*qkv, kv, dec, plan.precision)
+            cut = _chunk_decays(dec, counts, start, plan.chunk, plan.chunk, plan)
+            o_chunk, kv_next = _chunk_forward(*qkv, kv, cut, plan.precision)
             return (kv_next, _write(o, start, plan.chunk, o_chunk)), kv
 
         (kv, o), chunk_starts = lax.scan(step, (kv, o), jnp.arange(plan.full))
@@ -214,18 +257,20 @@ def _forward(q, k, v, slopes, s0, plan: _Plan):
         start = plan.full * plan.chunk
         dec = _decays(slopes, plan.block, plan.tail_padded // plan.block, plan.tail, dtype)
         qkv = (_read(x, start, plan.tail, plan.tail_padded, plan, dtype) for x in (q, k, v))
+        dec = _chunk_decays(dec, counts, start, plan.tail, plan.tail_padded, plan)
         o_chunk, kv = _chunk_forward(*qkv, kv, dec, plan.precision)
         o = _write(o, start, plan.tail, o_chunk)
     return o, kv, (chunk_starts, tail_start)
 
 
-def _backward(q, k, v, slopes, do, dkv, starts, plan: _Plan):
+def _backward(q, k, v, slopes, counts, do, dkv, starts, plan: _Plan):
     """Reverse sweep: returns dq, dk, dv in the inputs' dtypes and dL/d(initial state)."""
     dtype = dkv.dtype
     chunk_starts, tail_start = starts
     grads = tuple(jnp.zeros_like(x) for x in (q, k, v))
 
     def chunk_grads(grads, dkv, kv, start, rows, padded, dec):
+        dec = _chunk_decays(dec, counts, start, rows, padded, plan)
         blocked = (_read(x, start, rows, padded, plan, dtype) for x in (q, k, v, do))
         *chunk, dkv = _chunk_backward(*blocked, kv, dkv, dec, plan.precision)
         return tuple(_write(g, start, rows, c) for g, c in zip(grads, chunk)), dkv
@@ -248,26 +293,27 @@ def _backward(q, k, v, slopes, do, dkv, starts, plan: _Plan):
     return (*grads, dkv)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _lightning(q, k, v, slopes, s0, block, chunk, precision):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _lightning(q, k, v, slopes, s0, counts, block, chunk, precision):
     plan = _plan(q.shape[1], block, chunk, precision)
-    o, kv, _ = _forward(q, k, v, slopes, s0, plan)
+    o, kv, _ = _forward(q, k, v, slopes, s0, counts, plan)
     return o, kv
 
 
-def _lightning_fwd(q, k, v, slopes, s0, block, chunk, precision):
+def _lightning_fwd(q, k, v, slopes, s0, counts, block, chunk, precision):
     plan = _plan(q.shape[1], block, chunk, precision)
-    o, kv, starts = _forward(q, k, v, slopes, s0, plan)
-    return (o, kv), (q, k, v, slopes, starts)
+    o, kv, starts = _forward(q, k, v, slopes, s0, counts, plan)
+    return (o, kv), (q, k, v, slopes, counts, starts)
 
 
 def _lightning_bwd(block, chunk, precision, res, cotangents):
-    q, k, v, slopes, starts = res
+    q, k, v, slopes, counts, starts = res
     do, dkv = cotangents
     plan = _plan(q.shape[1], block, chunk, precision)
-    dq, dk, dv, ds0 = _backward(q, k, v, slopes, do, dkv, starts, plan)
-    # Slopes are constants of the operator (as in the paper): no gradient flows to them.
-    return dq, dk, dv, jnp.zeros_like(slopes), ds0
+    dq, dk, dv, ds0 = _backward(q, k, v, slopes, counts, do, dkv, starts, plan)
+    # Slopes are constants of the operator (as in the paper): no gradient flows to them;
+    # the boundary counts are integers (None: their cotangent is zero).
+    return dq, dk, dv, jnp.zeros_like(slopes), ds0, None
 
 
 _lightning.defvjp(_lightning_fwd, _lightning_bwd)
@@ -284,6 +330,7 @@ def lightning_attention_xla(
     block_size: int | None = None,
     chunk_size: int | None = None,
     precision: str = "default",
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Chunked XLA path on checked inputs; returns (o, final_state).
 
@@ -294,6 +341,8 @@ def lightning_attention_xla(
       chunk_size: rows per scan step (rounded down to a multiple of the block).
       precision: "default" or "highest", the precision of the matmuls on the
         inputs (float32 states are always combined exactly).
+      segment_ids: optional int `[B, T]`; the state resets where the id changes
+        (see `lightning_attention`). None keeps the unsegmented code path.
     """
     block = DEFAULT_BLOCK if block_size is None else block_size
     chunk = DEFAULT_CHUNK if chunk_size is None else chunk_size
@@ -304,6 +353,9 @@ def lightning_attention_xla(
     # sharded q would give the scan a carry whose typing changes in the first step: cast
     # everything to q's typing first (the cast's transpose sums the state's gradient).
     q, k, v, slopes, initial_state = match_varying(q, k, v, slopes, initial_state)
+    counts = None
+    if segment_ids is not None:
+        counts = jnp.repeat(segment_counts(segment_ids), heads, axis=0)  # [G, T]
     # Flatten (batch, head) into one leading axis G so that every contraction is a
     # plain batched matmul with no transposes (per-G decay tables are tiny).
     o, state = _lightning(
@@ -312,6 +364,7 @@ def lightning_attention_xla(
         v.reshape(groups, seq, e),
         jnp.tile(lax.stop_gradient(slopes), batch),
         initial_state.reshape(groups, d, e),
+        counts,
         block,
         chunk,
         precision,

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from lightning_jax._checks import segment_counts
 from lightning_jax._vma import match_varying, typed_shape, union_of_varying
 
 
@@ -100,7 +101,21 @@ def pallas_call(kernel: Callable, *, out_shape, interpret=False, **kwargs) -> Ca
     return call
 
 
-def kernel_op(forward: Callable, backward: Callable) -> Callable:
+def segment_tables(segment_ids: jax.Array, heads: int, seq_to: int) -> tuple[jax.Array, jax.Array]:
+    """Run-boundary counts for the kernels: `counts`, `before` int32 `[B*H, seq_to]`.
+
+    counts[g, t]: run boundaries at or before row t (padding rows repeat the last
+    real row's, so they join the last run); before[g, t] = counts[g, t-1]
+    (0 at t = 0). In a block of rows, rows i, j are in one run iff their counts
+    are equal; the block-start state reaches row i iff counts[i] == before[start].
+    """
+    counts = jnp.repeat(segment_counts(segment_ids), heads, axis=0)
+    counts = jnp.pad(counts, ((0, 0), (0, seq_to - counts.shape[1])), mode="edge")
+    before = jnp.pad(counts[:, :-1], ((0, 0), (1, 0)))
+    return counts, before
+
+
+def kernel_op(forward: Callable, backward: Callable, segmented: bool = False) -> Callable:
     """The op as a `jax.custom_vjp` around a backend's forward and backward kernels.
 
     forward(q, k, v, slopes, s0, block, seq_len, interpret) -> (o, final_state);
@@ -113,7 +128,46 @@ def kernel_op(forward: Callable, backward: Callable) -> Callable:
     initial state beside a sharded q), so the kernels see one typing and the
     gradient of a replicated operand comes back summed over the axes and typed
     as replicated (the transpose of the cast), as jax's autodiff requires.
+
+    With `segmented=True` the op takes a sixth operand, the `(counts, before)`
+    pair of `segment_tables`, passed to both as the keyword `segments`
+    (integers: no gradient).
     """
+    if segmented:
+
+        @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+        def seg_op(q, k, v, slopes, s0, segments, block, seq_len, interpret):
+            return forward(q, k, v, slopes, s0, block, seq_len, interpret, segments=segments)
+
+        def seg_fwd(q, k, v, slopes, s0, segments, block, seq_len, interpret):
+            out = forward(q, k, v, slopes, s0, block, seq_len, interpret, segments=segments)
+            return out, (q, k, v, slopes, s0, segments)
+
+        def seg_bwd(block, seq_len, interpret, residuals, cotangents):
+            q, k, v, slopes, s0, segments = residuals
+            do, dstate = cotangents
+            dq, dk, dv, ds0 = backward(
+                q,
+                k,
+                v,
+                slopes,
+                s0,
+                do.astype(q.dtype),
+                dstate,
+                block,
+                seq_len,
+                interpret,
+                segments=segments,
+            )
+            return dq, dk, dv, jnp.zeros_like(slopes), ds0, None
+
+        seg_op.defvjp(seg_fwd, seg_bwd)
+
+        def typed_seg_op(q, k, v, slopes, s0, segments, block, seq_len, interpret):
+            q, k, v, slopes, s0 = match_varying(q, k, v, slopes, s0)
+            return seg_op(q, k, v, slopes, s0, segments, block, seq_len, interpret)
+
+        return typed_seg_op
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
     def op(q, k, v, slopes, s0, block, seq_len, interpret):

@@ -2,7 +2,7 @@
 
 One kernel, `_sweep`, walks the blocks of one (batch, head) in order (or in
 reverse) carrying a float32 state tile, and serves the forward pass and all
-three gradients (Algorithm 2 of DESIGN.md section 3). For block c with rows r,
+three gradients (Algorithm 2 of docs/design.md section 3). For block c with rows r,
 a state tile `state` [A, 64] and the block's real length L:
 
     scores = X_c @ Y_c^T                  [C, C], times the decay mask

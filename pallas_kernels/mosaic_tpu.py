@@ -32,6 +32,15 @@ Precision. bf16/f16 operands go to the MXU as they are, with float32
 accumulation. float32 operands use the MXU's default precision unless
 `precision="highest"` asks for exact (multi-pass) float32 matmuls.
 
+Segment ids (packed sequences). Two float32 tables of run-boundary counts per
+row (exact integers below 2^24) ride along, per batch row: `[B, T, 2]` holding
+each row's count and the previous row's as columns, and `[B, 1, T]` the counts
+as a row, so the sub-block's `[sub, sub]` "same run" mask is one broadcast
+compare. Each sub-block zeroes the decays that span a run boundary
+(`_cut_decays`: the mask, the q and k decay columns, the state decay), so a
+boundary anywhere cuts both the intra-block product and the carried state.
+Without segment ids the kernels take no tables (a static flag).
+
 Block conventions (docs/design.md section 2), sub-block with L real rows: q row i
 decays by lambda^(i+1), key row j by lambda^(L-1-j), the state by lambda^L.
 """
@@ -47,7 +56,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels._common import kernel_op, pallas_call, round_up
+from pallas_kernels._common import kernel_op, pallas_call, round_up, segment_tables
 
 SUBLANES = 8
 PRECISIONS = ("default", "highest")
@@ -138,6 +147,38 @@ def _sub_block_decays(slope, length, k_dec_ref, state_dec_ref, ragged: bool):
     )
 
 
+def _cut_decays(seg_refs, i, sub: int, mask, q_dec, k_dec, state_dec):
+    """The sub-block's decays with every factor spanning a run boundary zeroed.
+
+    seg_refs: None (no segments: the decays unchanged) or the (columns, row)
+    table refs of this grid block: columns [block_rows, 2] (count, previous
+    row's count), row [1, block_rows] (count). Counts never decrease, so the
+    smallest previous count is the one before the sub-block, the largest count
+    the one at its end.
+    """
+    if seg_refs is None:
+        return mask, q_dec, k_dec, state_dec
+    cols_ref, row_ref = seg_refs
+    start_row = pl.multiple_of(i * sub, sub)
+    cols = cols_ref[pl.ds(start_row, sub), :]
+    counts, before = cols[:, 0:1], cols[:, 1:2]  # [sub, 1]
+    counts_row = row_ref[:, pl.ds(start_row, sub)]  # [1, sub]
+    start = jnp.min(before, axis=0, keepdims=True)  # [1, 1]
+    end = jnp.max(counts, axis=0, keepdims=True)
+    return (
+        jnp.where(counts == counts_row, mask, 0.0),
+        jnp.where(counts == start, q_dec, 0.0),
+        jnp.where(counts == end, k_dec, 0.0),
+        jnp.where(end == start, state_dec, 0.0),
+    )
+
+
+def _split_refs(refs, segmented: bool, outputs: int):
+    """(seg_refs or None, output refs, scratch refs) from a kernel's trailing refs."""
+    seg_refs, refs = ((refs[0], refs[1]), refs[2:]) if segmented else (None, refs)
+    return seg_refs, refs[:outputs], refs[outputs:]
+
+
 def _sub_block_loop(num_subs: int, body, reverse: bool = False) -> None:
     """body(i) for the sub-blocks of this grid step, in order or last to first."""
 
@@ -154,18 +195,14 @@ def _forward_kernel(
     k_ref,
     v_ref,
     s0_ref,
-    o_ref,
-    state_ref,
-    kv_ref,
-    mask_ref,
-    q_dec_ref,
-    k_dec_ref,
-    state_dec_ref,
-    *,
+    *refs,
     tiling: _Tiling,
     seq_len: int,
     ragged: bool,
+    segmented: bool,
 ):
+    seg_refs, (o_ref, state_ref), scratch = _split_refs(refs, segmented, 2)
+    kv_ref, mask_ref, q_dec_ref, k_dec_ref, state_dec_ref = scratch
     g, c = pl.program_id(0), pl.program_id(1)
     slope = slopes_ref[lax.rem(g, tiling.heads)]
     sub, precision = tiling.sub_rows, tiling.precision
@@ -182,9 +219,12 @@ def _forward_kernel(
         start = c * tiling.block_rows + i * sub
         length = jnp.clip(seq_len - start, 0, sub)
         k_dec, state_dec = _sub_block_decays(slope, length, k_dec_ref, state_dec_ref, ragged)
+        mask, q_dec, k_dec, state_dec = _cut_decays(
+            seg_refs, i, sub, mask_ref[...], q_dec_ref[...], k_dec, state_dec
+        )
         kv = kv_ref[...]
-        scores = _dot(q, k, precision, _NT) * mask_ref[...]
-        o = _dot(scores.astype(in_dtype), v, precision) + q_dec_ref[...] * _dot(
+        scores = _dot(q, k, precision, _NT) * mask
+        o = _dot(scores.astype(in_dtype), v, precision) + q_dec * _dot(
             q, kv.astype(in_dtype), precision
         )
         o_ref[rows, :] = o.astype(o_ref.dtype)
@@ -204,17 +244,14 @@ def _dq_kernel(
     v_ref,
     do_ref,
     s0_ref,
-    dq_ref,
-    kv_ref,
-    mask_ref,
-    q_dec_ref,
-    k_dec_ref,
-    state_dec_ref,
-    *,
+    *refs,
     tiling: _Tiling,
     seq_len: int,
     ragged: bool,
+    segmented: bool,
 ):
+    seg_refs, (dq_ref,), scratch = _split_refs(refs, segmented, 1)
+    kv_ref, mask_ref, q_dec_ref, k_dec_ref, state_dec_ref = scratch
     g, c = pl.program_id(0), pl.program_id(1)
     slope = slopes_ref[lax.rem(g, tiling.heads)]
     sub, precision = tiling.sub_rows, tiling.precision
@@ -231,9 +268,12 @@ def _dq_kernel(
         start = c * tiling.block_rows + i * sub
         length = jnp.clip(seq_len - start, 0, sub)
         k_dec, state_dec = _sub_block_decays(slope, length, k_dec_ref, state_dec_ref, ragged)
+        mask, q_dec, k_dec, state_dec = _cut_decays(
+            seg_refs, i, sub, mask_ref[...], q_dec_ref[...], k_dec, state_dec
+        )
         kv = kv_ref[...]
-        dscores = _dot(do, v, precision, _NT) * mask_ref[...]
-        dq = _dot(dscores.astype(in_dtype), k, precision) + q_dec_ref[...] * _dot(
+        dscores = _dot(do, v, precision, _NT) * mask
+        dq = _dot(dscores.astype(in_dtype), k, precision) + q_dec * _dot(
             do, kv.astype(in_dtype), precision, _NT
         )
         dq_ref[rows, :] = dq.astype(dq_ref.dtype)
@@ -250,19 +290,14 @@ def _dkdv_kernel(
     v_ref,
     do_ref,
     dstate_ref,
-    dk_ref,
-    dv_ref,
-    ds0_ref,
-    dkv_ref,
-    mask_ref,
-    q_dec_ref,
-    k_dec_ref,
-    state_dec_ref,
-    *,
+    *refs,
     tiling: _Tiling,
     seq_len: int,
     ragged: bool,
+    segmented: bool,
 ):
+    seg_refs, (dk_ref, dv_ref, ds0_ref), scratch = _split_refs(refs, segmented, 3)
+    dkv_ref, mask_ref, q_dec_ref, k_dec_ref, state_dec_ref = scratch
     g, step = pl.program_id(0), pl.program_id(1)
     c = pl.num_programs(1) - 1 - step  # the index maps read blocks in reverse
     slope = slopes_ref[lax.rem(g, tiling.heads)]
@@ -280,7 +315,9 @@ def _dkdv_kernel(
         start = c * tiling.block_rows + i * sub
         length = jnp.clip(seq_len - start, 0, sub)
         k_dec, state_dec = _sub_block_decays(slope, length, k_dec_ref, state_dec_ref, ragged)
-        mask = mask_ref[...]
+        mask, q_dec, k_dec, state_dec = _cut_decays(
+            seg_refs, i, sub, mask_ref[...], q_dec_ref[...], k_dec, state_dec
+        )
         dkv = dkv_ref[...]
         dkv_in = dkv.astype(in_dtype)
         scores = _dot(q, k, precision, _NT) * mask  # [query, key]
@@ -292,7 +329,7 @@ def _dkdv_kernel(
         )
         dk_ref[rows, :] = dk.astype(dk_ref.dtype)
         dv_ref[rows, :] = dv.astype(dv_ref.dtype)
-        q_scaled = (q.astype(jnp.float32) * q_dec_ref[...]).astype(in_dtype)
+        q_scaled = (q.astype(jnp.float32) * q_dec).astype(in_dtype)
         dkv_ref[...] = dkv * state_dec + _dot(q_scaled, do, precision, _TN)
 
     _sub_block_loop(tiling.block_rows // sub, sub_block, reverse=True)
@@ -329,6 +366,22 @@ def _state_spec(tiling: _Tiling, d: int, e: int):
 
 
 _SLOPES_SPEC = pl.BlockSpec(memory_space=pltpu.SMEM)
+
+
+def _segment_specs(segments, tiling: _Tiling, num_blocks: int, reverse: bool = False) -> list:
+    """Specs of the (columns [B, T, 2], row [B, 1, T]) tables of the grid block; none
+    without segments. Per batch row: every head of it reads the same tables."""
+    if segments is None:
+        return []
+    heads, rows = tiling.heads, tiling.block_rows
+
+    def block(c):
+        return num_blocks - 1 - c if reverse else c
+
+    return [
+        pl.BlockSpec((None, rows, 2), lambda g, c: (lax.div(g, heads), block(c), 0)),
+        pl.BlockSpec((None, 1, rows), lambda g, c: (lax.div(g, heads), 0, block(c))),
+    ]
 
 
 def _scratch(tiling: _Tiling, d: int, e: int) -> list:
@@ -385,12 +438,15 @@ def cost_estimate(
     )
 
 
-def _forward(q, k, v, slopes, s0, tiling: _Tiling, seq_len: int, interpret):
+def _forward(q, k, v, slopes, s0, tiling: _Tiling, seq_len: int, interpret, segments=None):
     batch, heads, rows, d = q.shape
     e = v.shape[-1]
     nb = rows // tiling.block_rows
+    static = dict(
+        tiling=tiling, seq_len=seq_len, ragged=rows != seq_len, segmented=segments is not None
+    )
     return pallas_call(
-        functools.partial(_forward_kernel, tiling=tiling, seq_len=seq_len, ragged=rows != seq_len),
+        functools.partial(_forward_kernel, **static),
         grid=(batch * heads, nb),
         in_specs=[
             _SLOPES_SPEC,
@@ -398,6 +454,7 @@ def _forward(q, k, v, slopes, s0, tiling: _Tiling, seq_len: int, interpret):
             _row_spec(tiling, nb, d),
             _row_spec(tiling, nb, e),
             _state_spec(tiling, d, e),
+            *_segment_specs(segments, tiling, nb),
         ],
         out_specs=[_row_spec(tiling, nb, e), _state_spec(tiling, d, e)],
         out_shape=[
@@ -411,16 +468,22 @@ def _forward(q, k, v, slopes, s0, tiling: _Tiling, seq_len: int, interpret):
         ),
         interpret=interpret,
         name="lightning_forward",
-    )(slopes, q, k, v, s0)
+    )(slopes, q, k, v, s0, *(segments or ()))
 
 
-def _backward(q, k, v, slopes, s0, do, dstate, tiling: _Tiling, seq_len: int, interpret):
+def _backward(
+    q, k, v, slopes, s0, do, dstate, tiling: _Tiling, seq_len: int, interpret, segments=None
+):
     batch, heads, rows, d = q.shape
     e = v.shape[-1]
     nb = rows // tiling.block_rows
     groups, itemsize = batch * heads, q.dtype.itemsize
+    static = dict(
+        tiling=tiling, seq_len=seq_len, ragged=rows != seq_len, segmented=segments is not None
+    )
+    seg_args = tuple(segments or ())
     dq = pallas_call(
-        functools.partial(_dq_kernel, tiling=tiling, seq_len=seq_len, ragged=rows != seq_len),
+        functools.partial(_dq_kernel, **static),
         grid=(groups, nb),
         in_specs=[
             _SLOPES_SPEC,
@@ -428,6 +491,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, tiling: _Tiling, seq_len: int, in
             _row_spec(tiling, nb, e),
             _row_spec(tiling, nb, e),
             _state_spec(tiling, d, e),
+            *_segment_specs(segments, tiling, nb),
         ],
         out_specs=_row_spec(tiling, nb, d),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -436,9 +500,9 @@ def _backward(q, k, v, slopes, s0, do, dstate, tiling: _Tiling, seq_len: int, in
         cost_estimate=cost_estimate("dq", groups, rows, seq_len, d, e, itemsize, tiling.sub_rows),
         interpret=interpret,
         name="lightning_dq",
-    )(slopes, k, v, do, s0)
+    )(slopes, k, v, do, s0, *seg_args)
     dk, dv, ds0 = pallas_call(
-        functools.partial(_dkdv_kernel, tiling=tiling, seq_len=seq_len, ragged=rows != seq_len),
+        functools.partial(_dkdv_kernel, **static),
         grid=(groups, nb),
         in_specs=[
             _SLOPES_SPEC,
@@ -447,6 +511,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, tiling: _Tiling, seq_len: int, in
             _row_spec(tiling, nb, e, reverse=True),
             _row_spec(tiling, nb, e, reverse=True),
             _state_spec(tiling, d, e),
+            *_segment_specs(segments, tiling, nb, reverse=True),
         ],
         out_specs=[
             _row_spec(tiling, nb, d, reverse=True),
@@ -463,11 +528,12 @@ def _backward(q, k, v, slopes, s0, do, dstate, tiling: _Tiling, seq_len: int, in
         cost_estimate=cost_estimate("dkdv", groups, rows, seq_len, d, e, itemsize, tiling.sub_rows),
         interpret=interpret,
         name="lightning_dkdv",
-    )(slopes, q, k, v, do, dstate)
+    )(slopes, q, k, v, do, dstate, *seg_args)
     return dq, dk, dv, ds0
 
 
 _lightning = kernel_op(_forward, _backward)
+_lightning_segmented = kernel_op(_forward, _backward, segmented=True)
 
 
 def choose_block_sizes(
@@ -515,6 +581,7 @@ def lightning_attention_mosaic_tpu(
     interpret: bool = False,
     precision: str = "default",
     block_sizes: BlockSizes | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Pallas/Mosaic TPU Lightning Attention-2 on checked inputs; returns (o, final_state).
 
@@ -529,6 +596,8 @@ def lightning_attention_mosaic_tpu(
         or "highest" (exact float32 matmuls); bf16/f16 operands ignore it.
       block_sizes: rows per grid step and per sub-block (default: tuned per
         dtype, `DEFAULT_BLOCK_SIZES`); `block_size` overrides its sub_rows.
+      segment_ids: optional int `[B, T]`: the state resets where the id changes
+        (see `lightning_attention`); T below 2^24. None: the unsegmented kernels.
 
     Returns:
       o `[B, H, T, E]` in q's dtype and the final state `[B, H, D, E]` float32.
@@ -550,16 +619,14 @@ def lightning_attention_mosaic_tpu(
         pad = ((0, 0), (0, 0), (0, padded_n - n), (0, 0))
         q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
     interpret_params = pltpu.InterpretParams() if interpret else False
-    o, state = _lightning(
-        q,
-        k,
-        v,
-        slopes.astype(jnp.float32),
-        initial_state.astype(jnp.float32),
-        tiling,
-        n,
-        interpret_params,
-    )
+    operands = (q, k, v, slopes.astype(jnp.float32), initial_state.astype(jnp.float32))
+    if segment_ids is None:
+        o, state = _lightning(*operands, tiling, n, interpret_params)
+    else:
+        counts, before = segment_tables(segment_ids, 1, padded_n)  # [B, padded_n]
+        columns = jnp.stack([counts, before], axis=-1).astype(jnp.float32)
+        row = counts[:, None, :].astype(jnp.float32)
+        o, state = _lightning_segmented(*operands, (columns, row), tiling, n, interpret_params)
     if padded_n != n:
         o = o[:, :, :n]
     return o, state

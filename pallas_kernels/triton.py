@@ -18,6 +18,12 @@ Splitting dK from dV keeps each kernel's live tiles within the register file
 
 float32 inputs multiply on TF32 tensor cores unless precision="highest".
 
+Segment ids (packed sequences): two int tables of run-boundary counts per row
+(`segment_tables`) ride along; each block zeroes its decays that span a run
+boundary (`_cut_decays`: the mask, the q and k decays, the state decay), so a
+boundary anywhere in a block cuts the intra-block product and the carried
+state. Without segment ids the kernels take no tables (a static flag).
+
 Block conventions (docs/design.md section 2), block c with L real rows (L = block
 except in a padded last block): q row i decays by lambda^(i+1), key row j by
 lambda^(L-1-j), the state by lambda^L per block.
@@ -39,6 +45,7 @@ from pallas_kernels._common import (
     next_power_of_2,
     pallas_call,
     round_up,
+    segment_tables,
     unpad,
 )
 
@@ -67,6 +74,39 @@ def _dot(
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
+def _cut_decays(decays, counts, before):
+    """Zeroes the decays of one block that span a run boundary (segment ids).
+
+    counts: int [B] boundary counts of the block's rows; before: [B] the previous
+    rows' counts (before[0]: the count before the block). Counts never decrease,
+    so min(before) is the count before the block and max(counts) the one at its end.
+    """
+    q_dec, k_dec, mask, state_dec = decays
+    start, end = jnp.min(before), jnp.max(counts)
+    return (
+        jnp.where(counts == start, q_dec, 0.0),
+        jnp.where(counts == end, k_dec, 0.0),
+        jnp.where(counts[:, None] == counts[None, :], mask, 0.0),
+        jnp.where(end == start, state_dec, 0.0),
+    )
+
+
+def _decays_of(slope, c, block: int, seq_len: int, seg_refs):
+    """The decays of block c, cut at run boundaries when seg_refs = (counts, before) refs."""
+    decays = _block_decays(slope, c * block, block, seq_len)
+    if seg_refs is None:
+        return decays
+    rows = pl.ds(c * block, block)
+    return _cut_decays(decays, seg_refs[0][rows], seg_refs[1][rows])
+
+
+def _split_refs(refs, segmented: bool):
+    """(counts, before) refs or None, and the remaining (output) refs."""
+    if segmented:
+        return (refs[0], refs[1]), refs[2:]
+    return None, refs
+
+
 def _block_decays(slope, start, block: int, seq_len: int):
     """Decays of the block starting at row `start`: q [B], k [B], mask [B, B], state scalar."""
     rows = lax.broadcasted_iota(jnp.int32, (block,), 0)
@@ -80,8 +120,9 @@ def _block_decays(slope, start, block: int, seq_len: int):
 
 
 def _forward_kernel(
-    slopes_ref, q_ref, k_ref, v_ref, s0_ref, o_ref, state_ref, *, block, seq_len, precision
+    slopes_ref, q_ref, k_ref, v_ref, s0_ref, *refs, block, seq_len, precision, segmented
 ):
+    seg_refs, (o_ref, state_ref) = _split_refs(refs, segmented)
     slope = slopes_ref[0]
     in_dtype = q_ref.dtype
     dot = functools.partial(_dot, precision=precision)
@@ -89,7 +130,7 @@ def _forward_kernel(
     def body(c, kv):
         rows = pl.ds(c * block, block)
         q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
-        q_dec, k_dec, mask, state_dec = _block_decays(slope, c * block, block, seq_len)
+        q_dec, k_dec, mask, state_dec = _decays_of(slope, c, block, seq_len, seg_refs)
         scores = dot(q, k, trans_b=True) * mask
         o = dot(scores.astype(in_dtype), v)
         o += q_dec[:, None] * dot(q, kv.astype(in_dtype))
@@ -101,8 +142,11 @@ def _forward_kernel(
     state_ref[...] = kv
 
 
-def _dq_kernel(slopes_ref, k_ref, v_ref, do_ref, s0_ref, dq_ref, *, block, seq_len, precision):
+def _dq_kernel(
+    slopes_ref, k_ref, v_ref, do_ref, s0_ref, *refs, block, seq_len, precision, segmented
+):
     """dQ for one d-tile: dQ = ((dO V^T) * M) K + lambda^(i+1) dO KV^T, KV swept forward."""
+    seg_refs, (dq_ref,) = _split_refs(refs, segmented)
     slope = slopes_ref[0]
     in_dtype = k_ref.dtype
     dot = functools.partial(_dot, precision=precision)
@@ -110,7 +154,7 @@ def _dq_kernel(slopes_ref, k_ref, v_ref, do_ref, s0_ref, dq_ref, *, block, seq_l
     def body(c, kv):
         rows = pl.ds(c * block, block)
         k, v, do = k_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
-        q_dec, k_dec, mask, state_dec = _block_decays(slope, c * block, block, seq_len)
+        q_dec, k_dec, mask, state_dec = _decays_of(slope, c, block, seq_len, seg_refs)
         dscores = dot(do, v, trans_b=True) * mask
         dq = dot(dscores.astype(in_dtype), k)
         dq += q_dec[:, None] * dot(do, kv.astype(in_dtype), trans_b=True)
@@ -122,13 +166,14 @@ def _dq_kernel(slopes_ref, k_ref, v_ref, do_ref, s0_ref, dq_ref, *, block, seq_l
 
 
 def _dk_kernel(
-    slopes_ref, q_ref, v_ref, do_ref, dstate_ref, dk_ref, ds0_ref, *, block, seq_len, precision
+    slopes_ref, q_ref, v_ref, do_ref, dstate_ref, *refs, block, seq_len, precision, segmented
 ):
     """dK and dS0 for one d-tile, rows dKV[d-tile, :] swept backward.
 
     dK = ((dO V^T) * M)^T Q + lambda^(B-1-j) V dKV^T; the d-tile of dK needs
     only the d-tile of Q and of dKV's rows, so dK is written once, in its dtype.
     """
+    seg_refs, (dk_ref, ds0_ref) = _split_refs(refs, segmented)
     slope = slopes_ref[0]
     in_dtype = q_ref.dtype
     num_blocks = q_ref.shape[0] // block
@@ -138,7 +183,7 @@ def _dk_kernel(
         c = num_blocks - 1 - step
         rows = pl.ds(c * block, block)
         q, v, do = q_ref[rows, :], v_ref[rows, :], do_ref[rows, :]
-        q_dec, k_dec, mask, state_dec = _block_decays(slope, c * block, block, seq_len)
+        q_dec, k_dec, mask, state_dec = _decays_of(slope, c, block, seq_len, seg_refs)
         dscores = dot(do, v, trans_b=True) * mask  # [query, key]
         dk = dot(dscores.astype(in_dtype), q, trans_a=True)
         dk += k_dec[:, None] * dot(v, dkv.astype(in_dtype), trans_b=True)
@@ -149,11 +194,14 @@ def _dk_kernel(
     ds0_ref[...] = lax.fori_loop(0, num_blocks, body, dstate_ref[...])
 
 
-def _dv_kernel(slopes_ref, q_ref, k_ref, do_ref, dstate_ref, dv_ref, *, block, seq_len, precision):
+def _dv_kernel(
+    slopes_ref, q_ref, k_ref, do_ref, dstate_ref, *refs, block, seq_len, precision, segmented
+):
     """dV for one e-tile, columns dKV[:, e-tile] swept backward.
 
     dV = ((Q K^T) * M)^T dO + lambda^(B-1-j) K dKV.
     """
+    seg_refs, (dv_ref,) = _split_refs(refs, segmented)
     slope = slopes_ref[0]
     in_dtype = q_ref.dtype
     num_blocks = q_ref.shape[0] // block
@@ -163,7 +211,7 @@ def _dv_kernel(slopes_ref, q_ref, k_ref, do_ref, dstate_ref, dv_ref, *, block, s
         c = num_blocks - 1 - step
         rows = pl.ds(c * block, block)
         q, k, do = q_ref[rows, :], k_ref[rows, :], do_ref[rows, :]
-        q_dec, k_dec, mask, state_dec = _block_decays(slope, c * block, block, seq_len)
+        q_dec, k_dec, mask, state_dec = _decays_of(slope, c, block, seq_len, seg_refs)
         scores = dot(q, k, trans_b=True) * mask  # [query, key]
         k_scaled = (k.astype(jnp.float32) * k_dec[:, None]).astype(in_dtype)
         dv = dot(scores.astype(in_dtype), do, trans_a=True) + dot(k_scaled, dkv.astype(in_dtype))
@@ -194,6 +242,13 @@ def _slope_spec() -> pl.BlockSpec:
     return pl.BlockSpec((1,), lambda g, t: (g,))
 
 
+def _segment_specs(segments, rows: int) -> list[pl.BlockSpec]:
+    """Specs of the (counts, before) tables, all rows of one (batch, head); none without."""
+    if segments is None:
+        return []
+    return [pl.BlockSpec((None, rows), lambda g, t: (g, 0))] * 2
+
+
 def _cost(
     programs: int, rows: int, block: int, full: int, tile: int, row_widths: int, itemsize: int
 ) -> pl.CostEstimate:
@@ -215,13 +270,14 @@ def _cost(
     )
 
 
-def _forward(q, k, v, slopes, s0, block, seq_len, interpret, precision):
+def _forward(q, k, v, slopes, s0, block, seq_len, interpret, precision, segments=None):
     groups, rows, d = q.shape
     e = v.shape[-1]
     te = _state_tile(e, d)
     programs = groups * (e // te)
+    static = {"block": block, "seq_len": seq_len, "precision": precision}
     return pallas_call(
-        functools.partial(_forward_kernel, block=block, seq_len=seq_len, precision=precision),
+        functools.partial(_forward_kernel, **static, segmented=segments is not None),
         grid=(groups, e // te),
         in_specs=[
             _slope_spec(),
@@ -229,6 +285,7 @@ def _forward(q, k, v, slopes, s0, block, seq_len, interpret, precision):
             _rows_spec(rows, d),
             _rows_spec(rows, te, tile=True),
             _state_spec(d, te, row_tile=False),
+            *_segment_specs(segments, rows),
         ],
         out_specs=[_rows_spec(rows, te, tile=True), _state_spec(d, te, row_tile=False)],
         out_shape=[
@@ -239,10 +296,10 @@ def _forward(q, k, v, slopes, s0, block, seq_len, interpret, precision):
         interpret=interpret,
         cost_estimate=_cost(programs, rows, block, d, te, 2 * d + 2 * te, q.dtype.itemsize),
         name="lightning_forward",
-    )(slopes, q, k, v, s0)
+    )(slopes, q, k, v, s0, *(segments or ()))
 
 
-def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precision):
+def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precision, segments=None):
     """Three kernels, each writing its gradient once in the input dtype.
 
     dQ and dK are tiled over d (their d-tile needs only the same d-tile of KV /
@@ -254,7 +311,13 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precis
     # dQ and dK keep their d-tile at 64 even for e = 256: halving it spilled more.
     td, te = min(d, TILE), _state_tile(e, d)
     itemsize = q.dtype.itemsize
-    static = {"block": block, "seq_len": seq_len, "precision": precision}
+    static = {
+        "block": block,
+        "seq_len": seq_len,
+        "precision": precision,
+        "segmented": segments is not None,
+    }
+    seg_specs, seg_args = _segment_specs(segments, rows), tuple(segments or ())
     d_programs, e_programs = groups * (d // td), groups * (e // te)
     dq = pallas_call(
         functools.partial(_dq_kernel, **static),
@@ -265,6 +328,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precis
             _rows_spec(rows, e),
             _rows_spec(rows, e),
             _state_spec(td, e, row_tile=True),
+            *seg_specs,
         ],
         out_specs=_rows_spec(rows, td, tile=True),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -272,7 +336,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precis
         interpret=interpret,
         cost_estimate=_cost(d_programs, rows, block, e, td, 2 * td + 2 * e, itemsize),
         name="lightning_dq",
-    )(slopes, k, v, do, s0)
+    )(slopes, k, v, do, s0, *seg_args)
     dk, ds0 = pallas_call(
         functools.partial(_dk_kernel, **static),
         grid=(groups, d // td),
@@ -282,6 +346,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precis
             _rows_spec(rows, e),
             _rows_spec(rows, e),
             _state_spec(td, e, row_tile=True),
+            *seg_specs,
         ],
         out_specs=[_rows_spec(rows, td, tile=True), _state_spec(td, e, row_tile=True)],
         out_shape=[
@@ -292,7 +357,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precis
         interpret=interpret,
         cost_estimate=_cost(d_programs, rows, block, e, td, 2 * td + 2 * e, itemsize),
         name="lightning_dk",
-    )(slopes, q, v, do, dstate)
+    )(slopes, q, v, do, dstate, *seg_args)
     dv = pallas_call(
         functools.partial(_dv_kernel, **static),
         grid=(groups, e // te),
@@ -302,6 +367,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precis
             _rows_spec(rows, d),
             _rows_spec(rows, te, tile=True),
             _state_spec(d, te, row_tile=False),
+            *seg_specs,
         ],
         out_specs=_rows_spec(rows, te, tile=True),
         out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype),
@@ -309,17 +375,20 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precis
         interpret=interpret,
         cost_estimate=_cost(e_programs, rows, block, d, te, 2 * d + 2 * te, itemsize),
         name="lightning_dv",
-    )(slopes, q, k, do, dstate)
+    )(slopes, q, k, do, dstate, *seg_args)
     return dq, dk, dv, ds0
 
 
 # precision argument -> lax precision of the kernels' matmuls (None: TF32 for float32).
 _MATMUL_PRECISION = {"default": None, "highest": lax.Precision.HIGHEST}
 _LIGHTNING = {
-    name: kernel_op(
-        functools.partial(_forward, precision=p), functools.partial(_backward, precision=p)
+    (name, segmented): kernel_op(
+        functools.partial(_forward, precision=p),
+        functools.partial(_backward, precision=p),
+        segmented=segmented,
     )
     for name, p in _MATMUL_PRECISION.items()
+    for segmented in (False, True)
 }
 
 
@@ -339,6 +408,7 @@ def lightning_attention_triton(
     block_size: int | None = None,
     interpret: bool = False,
     precision: str = "default",
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Pallas/Triton Lightning Attention-2 on checked inputs; returns (o, final_state).
 
@@ -351,6 +421,9 @@ def lightning_attention_triton(
       interpret: run the kernels in the Pallas interpreter (any backend).
       precision: float32 inputs only: "default" multiplies on TF32 tensor
         cores, "highest" in exact float32 (no tensor cores).
+      segment_ids: optional int `[B, T]`: the state resets where the id changes
+        (every decay spanning a run boundary is zeroed per block; see
+        `lightning_attention`). None: the unsegmented kernels.
 
     Returns:
       o `[B, H, T, E]` in q's dtype and the final state `[B, H, D, E]` float32.
@@ -367,5 +440,9 @@ def lightning_attention_triton(
     padded = flatten_and_pad(
         q, k, v, slopes, initial_state, round_up(n, block), _padded_dim(d), _padded_dim(e)
     )
-    o, state = _LIGHTNING[precision](*padded, block, n, interpret)
+    if segment_ids is None:
+        o, state = _LIGHTNING[precision, False](*padded, block, n, interpret)
+    else:
+        segments = segment_tables(segment_ids, heads, padded.q.shape[1])
+        o, state = _LIGHTNING[precision, True](*padded, segments, block, n, interpret)
     return unpad(o, state, batch, heads, n, d, e)

@@ -104,6 +104,29 @@ def loss_and_grads(fn, q, k, v, s0, do, ds):
     return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, s0)
 
 
+def random_runs(seed: int, batch: int, seq: int, max_len: int = 12) -> np.ndarray:
+    """int32 `[batch, seq]` segment ids with random run lengths, many of length 1.
+
+    Ids alternate between a few values that repeat across non-adjacent runs
+    (e.g. 7, 0, 7, 3), since only runs of equal ids matter, not the numbers.
+    """
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((batch, seq), np.int32)
+    for row in ids:
+        t, label = 0, 7
+        while t < seq:
+            length = 1 if rng.random() < 0.3 else int(rng.integers(2, max_len + 1))
+            row[t : t + length] = label
+            label = int(rng.choice([x for x in (0, 3, 7) if x != label]))
+            t += length
+    return ids
+
+
+def run_starts(ids: np.ndarray) -> list[int]:
+    """Positions where a new run starts in a 1-D id row (0 included)."""
+    return [0] + [t for t in range(1, len(ids)) if ids[t] != ids[t - 1]]
+
+
 # Identities and compositions (chain, vmap, ...) compare an implementation with itself
 # or with the float32 reference at this tolerance; the numbers of each implementation
 # against float64 are held to the derived tolerances below.
@@ -229,6 +252,9 @@ class LightningOpTestBase:
     # False where the op cannot sit under jax.checkpoint in this test's mode (the
     # Pallas TPU interpreter simulates memory with io_callbacks, which remat refuses).
     checkpoint_ok: ClassVar[bool] = True
+    # False for an implementation that refuses `segment_ids` (NotImplementedError, tested
+    # by test_segment_ids_refused_until_supported); its segment tests are skipped.
+    supports_segment_ids: ClassVar[bool] = True
 
     def op(self, q, k, v, slopes=None, **kwargs):
         return lj.lightning_attention(q, k, v, slopes, impl=self.impl, **self.op_kwargs, **kwargs)
@@ -360,6 +386,248 @@ class LightningOpTestBase:
         o = self.op(q, k, v)
         assert isinstance(o, jax.Array) and o.shape == (1, 2, 20, 8)
         assert_close(o, reference.naive_attention(q, k, v), F32_TOL, "o without state")
+
+    # --- packed sequences (segment_ids) ------------------------------------------------------
+
+    def _require_segments(self):
+        if not self.supports_segment_ids:
+            pytest.skip(f"impl={self.impl!r} does not take segment_ids yet (refusal tested)")
+
+    def _check_segments(self, q, k, v, s0, do, ds, slopes, ids, block_size):
+        """Forward, final state and all gradients with `ids` vs the reference's."""
+        fn = self.stateful_segments(slopes, ids, block_size)
+
+        def ref_fn(q, k, v, s0):
+            return reference.naive_attention(
+                q, k, v, slopes, initial_state=s0, return_final_state=True, segment_ids=ids
+            )
+
+        o, state = jax.jit(fn)(q, k, v, s0)
+        o_ref, state_ref = ref_fn(q, k, v, s0)
+        o_rec, state_rec = reference.recurrent_attention(
+            q, k, v, slopes, initial_state=s0, return_final_state=True, segment_ids=ids
+        )
+        for name, got, want in (
+            ("o vs naive", o, o_ref),
+            ("final state vs naive", state, state_ref),
+            ("o vs recurrent", o, o_rec),
+            ("final state vs recurrent", state, state_rec),
+        ):
+            assert_close(got, want, F32_TOL, name)
+        grads = jax.jit(functools.partial(loss_and_grads, fn))(q, k, v, s0, do, ds)
+        ref_grads = loss_and_grads(ref_fn, q, k, v, s0, do, ds)
+        for name, g, g_ref in zip(("dq", "dk", "dv", "d_initial_state"), grads, ref_grads):
+            assert_close(g, g_ref, F32_TOL, name)
+
+    def stateful_segments(self, slopes, ids, block_size=None):
+        """(q, k, v, s0) -> (o, state) with `segment_ids=ids`."""
+        return lambda q, k, v, s0: self.op(
+            q,
+            k,
+            v,
+            slopes,
+            initial_state=s0,
+            return_final_state=True,
+            block_size=block_size,
+            segment_ids=ids,
+        )
+
+    def test_segment_ids_refused_until_supported(self):
+        q, k, v, *_ = make_inputs(20, 1, 2, 12, 8, 8)
+        ids = jnp.zeros((1, 12), jnp.int32)
+        if self.supports_segment_ids:
+            self.op(q, k, v, segment_ids=ids)
+        else:
+            with pytest.raises(NotImplementedError, match=f"segment_ids .*impl={self.impl!r}"):
+                self.op(q, k, v, segment_ids=ids)
+
+    @pytest.mark.parametrize(
+        "b, h, n, d, e, kind, block",
+        [(2, 2, 83, 16, 24, "strong", 16), (1, 3, 150, 8, 8, "alibi", 32)],
+    )
+    def test_segments_random_runs(self, b, h, n, d, e, kind, block):
+        """Random run lengths (many of length 1), ids reused across runs: vs the references."""
+        self._require_segments()
+        slopes = make_slopes(kind, h)
+        q, k, v, s0, do, ds = make_inputs(21, b, h, n, d, e)
+        ids = jnp.asarray(random_runs(21, b, n))
+        self._check_segments(q, k, v, s0, do, ds, slopes, ids, block)
+
+    def test_segment_boundary_at_every_offset(self):
+        """Row r of 16: runs [0, 16+r), [16+r] (length 1), (16+r, 48) with 16-row blocks.
+
+        So every offset 0..15 within a block holds a boundary in some row, and the
+        length-1 run puts two boundaries in one block (or the second on the next
+        block's edge, r = 15).
+        """
+        self._require_segments()
+        block, n = 16, 48
+        q, k, v, s0, do, ds = make_inputs(22, block, 2, n, 8, 12)
+        t = np.arange(n)[None, :]
+        at = block + np.arange(block)[:, None]
+        ids = jnp.asarray(np.where(t < at, 5, np.where(t == at, 9, 5)), jnp.int32)
+        self._check_segments(q, k, v, s0, do, ds, make_slopes("strong", 2), ids, block)
+
+    def test_segments_equal_separate_runs(self):
+        """Packed == each run separately (the reference without segment ids): outputs,
+        the final state and every gradient; the first run starts from s0, the others
+        from zero."""
+        self._require_segments()
+        h, n, d, e = 2, 70, 8, 12
+        slopes = make_slopes("strong", h)
+        q, k, v, s0, do, ds = make_inputs(23, 1, h, n, d, e)
+        ids_np = random_runs(23, 1, n)
+        starts = run_starts(ids_np[0]) + [n]
+        fn = self.stateful_segments(slopes, jnp.asarray(ids_np), 16)
+
+        def separate(q, k, v, s0):
+            outs, state = [], s0
+            for i, (lo, hi) in enumerate(zip(starts[:-1], starts[1:])):
+                state_in = s0 if i == 0 else jnp.zeros_like(s0)
+                o, state = reference.naive_attention(
+                    q[:, :, lo:hi],
+                    k[:, :, lo:hi],
+                    v[:, :, lo:hi],
+                    slopes,
+                    initial_state=state_in,
+                    return_final_state=True,
+                )
+                outs.append(o)
+            return jnp.concatenate(outs, axis=2), state
+
+        for name, got, want in zip(
+            ("o", "final state"), jax.jit(fn)(q, k, v, s0), separate(q, k, v, s0)
+        ):
+            assert_close(got, want, F32_TOL, name)
+        grads = jax.jit(functools.partial(loss_and_grads, fn))(q, k, v, s0, do, ds)
+        want = loss_and_grads(separate, q, k, v, s0, do, ds)
+        for name, g, g_ref in zip(("dq", "dk", "dv", "d_initial_state"), grads, want):
+            assert_close(g, g_ref, F32_TOL, name)
+
+    def test_segments_chain_identity(self):
+        """Packed [x1; x2] in one call == x1, then x2 from x1's final state, when the
+        split falls inside a run (a run that starts at the split would instead start
+        from zero: the caller passes a zero state there)."""
+        self._require_segments()
+        b, h, n, d, e = 2, 2, 90, 8, 8
+        slopes = make_slopes("strong", h)
+        q, k, v, s0, _, _ = make_inputs(24, b, h, n, d, e)
+        ids = random_runs(24, b, n)
+        split = next(t for t in range(40, n) if (ids[:, t] == ids[:, t - 1]).all())
+        ids = jnp.asarray(ids)
+        o, state = jax.jit(self.stateful_segments(slopes, ids, 16))(q, k, v, s0)
+        first = self.stateful_segments(slopes, ids[:, :split], 16)
+        second = self.stateful_segments(slopes, ids[:, split:], 16)
+        o1, mid = first(q[:, :, :split], k[:, :, :split], v[:, :, :split], s0)
+        o2, end = second(q[:, :, split:], k[:, :, split:], v[:, :, split:], mid)
+        assert_close(jnp.concatenate([o1, o2], axis=2), o, F32_TOL, "chained o")
+        assert_close(end, state, F32_TOL, "chained final state")
+
+    def test_one_segment_equals_no_segments(self):
+        """All ids equal (any value) == segment_ids=None."""
+        self._require_segments()
+        q, k, v, s0, _, _ = make_inputs(25, 1, 2, 40, 8, 8)
+        slopes = make_slopes("alibi", 2)
+        ids = jnp.full((1, 40), 3, jnp.int32)
+        for got, want in zip(
+            self.stateful_segments(slopes, ids, 16)(q, k, v, s0),
+            self.stateful(slopes, 16)(q, k, v, s0),
+        ):
+            assert_close(got, want, F32_TOL, "one segment")
+
+    def varlen(self, q, k, v, slopes=None, **kwargs):
+        return lj.lightning_attention_varlen(
+            q, k, v, slopes, impl=self.impl, **self.op_kwargs, **kwargs
+        )
+
+    def test_varlen_equals_separate_sequences(self):
+        """Packed prefill of 4 sequences (one of length 1), each from its own state ==
+        each sequence alone with the reference: outputs, final states, all gradients."""
+        self._require_segments()
+        h, d, e = 2, 8, 12
+        lengths = [1, 17, 30, 9]
+        cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        total, n = int(cu[-1]), len(lengths)
+        slopes = make_slopes("strong", h)
+        q, k, v, _, do, _ = make_inputs(26, 1, h, total, d, e)
+        keys = jax.random.split(jax.random.PRNGKey(27), 2)
+        states0 = jax.random.normal(keys[0], (n, h, d, e))
+        d_states = jax.random.normal(keys[1], (n, h, d, e))
+
+        def packed(q, k, v, states0):
+            return self.varlen(
+                q,
+                k,
+                v,
+                slopes,
+                cu_seqlens=cu,
+                initial_states=states0,
+                return_final_states=True,
+                block_size=16,
+            )
+
+        def separate(q, k, v, states0):
+            outs, finals = [], []
+            for i in range(n):
+                rows = slice(int(cu[i]), int(cu[i + 1]))
+                o, state = reference.naive_attention(
+                    q[:, :, rows],
+                    k[:, :, rows],
+                    v[:, :, rows],
+                    slopes,
+                    initial_state=states0[i][None],
+                    return_final_state=True,
+                )
+                outs.append(o)
+                finals.append(state[0])
+            return jnp.concatenate(outs, axis=2), jnp.stack(finals)
+
+        got, want = jax.jit(packed)(q, k, v, states0), separate(q, k, v, states0)
+        assert got[1].shape == (n, h, d, e) and got[1].dtype == jnp.float32
+        for name, a, b in zip(("o", "final states"), got, want):
+            assert_close(a, b, F32_TOL, name)
+        grads = jax.jit(functools.partial(loss_and_grads, packed))(q, k, v, states0, do, d_states)
+        ref_grads = loss_and_grads(separate, q, k, v, states0, do, d_states)
+        for name, g, g_ref in zip(("dq", "dk", "dv", "d_initial_states"), grads, ref_grads):
+            assert_close(g, g_ref, F32_TOL, name)
+        # Without states: plain outputs, equal to the zero-state run.
+        o = self.varlen(q, k, v, slopes, cu_seqlens=cu, block_size=16)
+        assert_close(o, separate(q, k, v, jnp.zeros_like(states0))[0], F32_TOL, "o, no states")
+
+    @pytest.mark.parametrize(
+        "change, error, match",
+        [
+            (dict(cu_seqlens=np.array([0, 5, 5, 20])), ValueError, "strictly increasing"),
+            (dict(cu_seqlens=np.array([0, 12, 8, 20])), ValueError, "strictly increasing"),
+            (dict(cu_seqlens=np.array([2, 8, 20])), ValueError, "cu_seqlens must start at 0"),
+            (dict(cu_seqlens=np.array([0, 8, 19])), ValueError, "cu_seqlens must end at total"),
+            (dict(cu_seqlens=np.array([0, 8, 21])), ValueError, "cu_seqlens must end at total"),
+            (dict(cu_seqlens=np.array([0])), ValueError, r"cu_seqlens must have shape \[n \+ 1\]"),
+            (dict(cu_seqlens=np.array([[0, 20]])), ValueError, "cu_seqlens must have shape"),
+            (dict(cu_seqlens=np.array([0.0, 20.0])), TypeError, "cu_seqlens must have an integer"),
+            (
+                dict(initial_states=jnp.zeros((3, 2, 8, 8))),
+                ValueError,
+                r"initial_states must have shape \[n, heads, d, e\]",
+            ),
+            (dict(initial_states=jnp.zeros((2, 2, 8, 4))), ValueError, "initial_states must have"),
+            (dict(batch=2), ValueError, r"packed as \[1, heads, total, dim\]"),
+            (dict(return_final_states=1), TypeError, "return_final_states must be a bool"),
+        ],
+    )
+    def test_varlen_bad_input(self, change, error, match):
+        change = dict(change)
+        batch = change.pop("batch", 1)
+        x = jnp.zeros((batch, 2, 20, 8))
+        args = dict(cu_seqlens=np.array([0, 8, 20], np.int32))
+        args.update(change)
+        with pytest.raises(error, match=match):
+            self.varlen(x, x, x, **args)
+
+    def test_varlen_traced_cu_seqlens_is_refused(self):
+        x = jnp.zeros((1, 2, 20, 8))
+        with pytest.raises(TypeError, match="cu_seqlens must be concrete"):
+            jax.jit(lambda cu: self.varlen(x, x, x, cu_seqlens=cu))(jnp.array([0, 8, 20]))
 
     # --- composition -------------------------------------------------------------------------
 
@@ -496,6 +764,27 @@ class LightningOpTestBase:
             (dict(block_size=16.0), ValueError, "block_size must be None or a positive int"),
             (dict(impl="flash"), ValueError, r"impl must be one of \('auto'"),
             (dict(return_final_state="yes"), TypeError, "return_final_state must be a bool"),
+            (
+                dict(segment_ids=jnp.zeros((1, 11), jnp.int32)),
+                ValueError,
+                r"segment_ids must have shape \[batch, seq\]",
+            ),
+            (
+                dict(segment_ids=jnp.zeros((2, 10), jnp.int32)),
+                ValueError,
+                r"segment_ids must have shape \[batch, seq\]",
+            ),
+            (
+                dict(segment_ids=jnp.zeros((1, 2, 10), jnp.int32)),
+                ValueError,
+                r"segment_ids must have shape \[batch, seq\]",
+            ),
+            (
+                dict(segment_ids=jnp.zeros((1, 10), jnp.float32)),
+                TypeError,
+                "segment_ids must have an integer dtype",
+            ),
+            (dict(segment_ids=[[0] * 10]), TypeError, "segment_ids must be an integer"),
         ],
     )
     def test_bad_input(self, change, error, match):

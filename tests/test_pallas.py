@@ -101,6 +101,26 @@ def test_lowers_to_the_kernels(impl):
 
 
 @pytest.mark.parametrize("impl", sorted(LOWERING))
+def test_segmented_lowers_to_the_kernels(impl):
+    """With segment_ids the same kernels lower (no XLA fallback), forward and backward."""
+    platform, target = LOWERING[impl]
+    x = jax.ShapeDtypeStruct((2, 4, 2048, 128), jnp.bfloat16)
+    ids = jax.ShapeDtypeStruct((2, 2048), jnp.int32)
+    slopes = lj.alibi_slopes(4)
+
+    def fwd_bwd(q, k, v, ids):
+        def loss(q, k, v):
+            o = lj.lightning_attention(q, k, v, slopes, impl=impl, interpret=False, segment_ids=ids)
+            return jnp.sum(o.astype(jnp.float32))
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    text = jax.jit(fwd_bwd).trace(x, x, x, ids).lower(lowering_platforms=(platform,)).as_text()
+    assert _custom_calls(text).count(target) == 1 + BACKWARD_KERNELS[impl]
+    assert "stablehlo.while" not in text
+
+
+@pytest.mark.parametrize("impl", sorted(LOWERING))
 @pytest.mark.parametrize("d, e", [(192, 100), (60, 256), (16, 16)])
 def test_awkward_dims_lower(impl, d, e):
     """Head dims that are not tile-sized lower too (the wrapper pads them)."""

@@ -159,3 +159,19 @@ def test_bad_sequence_parallel_arguments(mesh):
         lm_train.Trainer(lm_train.TrainConfig(**TINY), mesh)
     with pytest.raises(ValueError, match="seq_parallel must be a positive int"):
         lm_train.Trainer(lm_train.TrainConfig(**TINY, seq_parallel=0))
+
+
+def test_layer_with_seq_axis_and_segment_ids(mesh):
+    """Packed documents under sequence parallelism == the layer on one device."""
+    kw = dict(num_heads=2, layer_idx=1, num_layers=3)
+    plain = LightningAttention(32, **kw, rngs=nnx.Rngs(0))
+    sharded = LightningAttention(
+        32, **kw, mesh=mesh, seq_axis="seq", batch_axis="data", rngs=nnx.Rngs(0)
+    )
+    x = jax.random.normal(jax.random.key(3), (4, 64, 32))
+    ids = jnp.asarray(np.repeat([[3, 1, 3, 4]], 4, axis=0).repeat([5, 20, 1, 38], axis=1))
+    y_1 = plain(x, segment_ids=ids)
+    y_p = sharded(jax.device_put(x, NamedSharding(mesh, P("data", "seq"))), segment_ids=ids)
+    np.testing.assert_allclose(y_p, y_1, rtol=2e-5, atol=2e-5)
+    # The ids matter: without them the output differs.
+    assert not np.allclose(np.asarray(plain(x)), np.asarray(y_1), atol=1e-3)

@@ -222,8 +222,16 @@ def _dv_kernel(
     lax.fori_loop(0, num_blocks, body, dstate_ref[...])
 
 
-def _compiler_params(width: int):
-    return plgpu.CompilerParams(num_warps=4 if width <= 64 else 8, num_stages=2)
+def _compiler_params(width: int, dtype) -> plgpu.CompilerParams:
+    """Warps by tile width; a single pipeline stage for float32 tiles 256 wide.
+
+    Two stages (the next block's tiles loaded while this one computes) double the
+    shared memory of the loaded tiles: at width 256 in float32 the dQ/dK/dV
+    kernels asked for 244 KiB, over the 227 KiB of an H100/H200 block
+    (experiments/compile_report.py).
+    """
+    stages = 1 if width > 128 and jnp.dtype(dtype).itemsize == 4 else 2
+    return plgpu.CompilerParams(num_warps=4 if width <= 64 else 8, num_stages=stages)
 
 
 def _rows_spec(rows: int, cols: int, tile: bool = False) -> pl.BlockSpec:
@@ -292,7 +300,7 @@ def _forward(q, k, v, slopes, s0, block, seq_len, interpret, precision, segments
             jax.ShapeDtypeStruct((groups, rows, e), q.dtype),
             jax.ShapeDtypeStruct((groups, d, e), jnp.float32),
         ],
-        compiler_params=_compiler_params(max(d, te)),
+        compiler_params=_compiler_params(max(d, te), q.dtype),
         interpret=interpret,
         cost_estimate=_cost(programs, rows, block, d, te, 2 * d + 2 * te, q.dtype.itemsize),
         name="lightning_forward",
@@ -332,7 +340,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precis
         ],
         out_specs=_rows_spec(rows, td, tile=True),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_compiler_params(max(td, e)),
+        compiler_params=_compiler_params(max(td, e), q.dtype),
         interpret=interpret,
         cost_estimate=_cost(d_programs, rows, block, e, td, 2 * td + 2 * e, itemsize),
         name="lightning_dq",
@@ -353,7 +361,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precis
             jax.ShapeDtypeStruct(k.shape, k.dtype),
             jax.ShapeDtypeStruct(s0.shape, jnp.float32),
         ],
-        compiler_params=_compiler_params(max(td, e)),
+        compiler_params=_compiler_params(max(td, e), q.dtype),
         interpret=interpret,
         cost_estimate=_cost(d_programs, rows, block, e, td, 2 * td + 2 * e, itemsize),
         name="lightning_dk",
@@ -371,7 +379,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precis
         ],
         out_specs=_rows_spec(rows, te, tile=True),
         out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype),
-        compiler_params=_compiler_params(max(d, te)),
+        compiler_params=_compiler_params(max(d, te), q.dtype),
         interpret=interpret,
         cost_estimate=_cost(e_programs, rows, block, d, te, 2 * d + 2 * te, itemsize),
         name="lightning_dv",

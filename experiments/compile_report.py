@@ -455,6 +455,37 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def markdown_summary(rows: list[dict]) -> str:
+    """One line per target, impl, dtype and mode over all shapes: the worst figures."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        key = (r["target"], r["impl"], r["dtype"], r["precision"], r["mode"])
+        groups.setdefault(key, []).append(r)
+    lines = [
+        "| target | impl | dtype | mode | compiled | max regs | max spill B | max smem KiB "
+        "| min wgmma | max VMEM MiB |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for (target, impl, dtype, precision, mode), rs in groups.items():
+        kernels = [k for r in rs for k in r["kernels"]]
+        gpu = [k for k in kernels if "registers" in k]
+        tpu = [k["vmem_bytes"] for k in kernels if k.get("vmem_bytes") is not None]
+        smem = [k["shared_memory_bytes"] for k in gpu if "shared_memory_bytes" in k]
+
+        def fmt(values, f=str):
+            return f(max(values)) if values else "-"
+
+        lines.append(
+            f"| {target} | {impl} | {dtype}{'' if dtype != 'float32' else f' ({precision})'} "
+            f"| {mode} | {sum(r['ok'] for r in rs)}/{len(rs)} "
+            f"| {fmt([k['registers'] for k in gpu])} | {fmt([spill_bytes(k) for k in gpu])} "
+            f"| {fmt(smem, lambda x: str(x // 1024))} "
+            f"| {min(k.get('wgmma', 0) for k in gpu) if gpu else '-'} "
+            f"| {fmt(tpu, lambda x: f'{x / 2**20:.1f}')} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv):
     del argv
     if FLAGS.worker:
@@ -482,6 +513,7 @@ def main(argv):
     print(format_table(rows))
     if FLAGS.markdown:
         print(markdown_table(rows))
+        print(markdown_summary(rows))
     failed = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(failed)} of {len(rows)} compiled")
     if FLAGS.json:

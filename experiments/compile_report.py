@@ -54,18 +54,23 @@ MODES = ("fwd", "fwd_bwd")
 DEFAULT_SHAPES = "4x32x8192x128x128,4x32x8192x64x64,1x3x1001x100x60,1x3x1001x192x100"
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("targets", ["h200", "v5e", "v6e"], f"Any of {[*GPU_TARGETS, *TPU_TARGETS]}.")
-flags.DEFINE_list("impls", [], "Kernels to compile (default: every kernel of each target).")
-flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Input dtypes.")
-flags.DEFINE_list("shapes", DEFAULT_SHAPES.split(","), "BxHxTxDxE shapes.")
-flags.DEFINE_list("modes", list(MODES), "fwd (forward) and/or fwd_bwd (forward+backward).")
-flags.DEFINE_list("precisions", ["default"], 'float32 matmul precision: "default", "highest".')
-flags.DEFINE_bool("sp", True, f"Also compile the sequence-parallel op on {list(SP_TARGETS)}.")
-flags.DEFINE_string("json", None, "Write the rows as a JSON list here.")
-flags.DEFINE_bool("markdown", False, "Also print a markdown table (one line per compile).")
-flags.DEFINE_integer("timeout", 600, "Seconds per compile before it counts as failed.")
-flags.DEFINE_integer("jobs", 2, "Compiles run at once.")
-flags.DEFINE_string("worker", None, "Internal: compile one job given as JSON and print a row.")
+
+
+def define_flags() -> None:
+    """The command line's flags (defined only when run as a script, so that the tests
+    can import this module beside other experiments that define flags of the same names)."""
+    flags.DEFINE_list("targets", ["h200", "v5e", "v6e"], f"Any of {[*GPU_TARGETS, *TPU_TARGETS]}.")
+    flags.DEFINE_list("impls", [], "Kernels to compile (default: every kernel of each target).")
+    flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Input dtypes.")
+    flags.DEFINE_list("shapes", DEFAULT_SHAPES.split(","), "BxHxTxDxE shapes.")
+    flags.DEFINE_list("modes", list(MODES), "fwd (forward) and/or fwd_bwd (forward+backward).")
+    flags.DEFINE_list("precisions", ["default"], 'float32 matmul precision: "default", "highest".')
+    flags.DEFINE_bool("sp", True, f"Also compile the sequence-parallel op on {list(SP_TARGETS)}.")
+    flags.DEFINE_string("json", None, "Write the rows as a JSON list here.")
+    flags.DEFINE_bool("markdown", False, "Also print a markdown table (one line per compile).")
+    flags.DEFINE_integer("timeout", 600, "Seconds per compile before it counts as failed.")
+    flags.DEFINE_integer("jobs", 2, "Compiles run at once.")
+    flags.DEFINE_string("worker", None, "Internal: compile one job given as JSON and print a row.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -522,4 +527,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

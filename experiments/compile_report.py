@@ -138,6 +138,17 @@ def make_jobs(targets, impls, dtypes, shapes, modes, precisions, sp, available) 
 # ---------------------------------------------------------------- the worker
 
 
+def _wheel_ptxas_dir() -> str | None:
+    """bin/ of the nvidia-cuda-nvcc-cu12 wheel (the [aot] extra's ptxas), if installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nvidia.cuda_nvcc")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(list(spec.submodule_search_locations)[0], "bin")
+    return path if os.path.exists(os.path.join(path, "ptxas")) else None
+
+
 def _worker_env(job: Job, dump_dir: str) -> dict[str, str]:
     env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"  # the compilers run without their devices
@@ -151,6 +162,11 @@ def _worker_env(job: Job, dump_dir: str) -> dict[str, str]:
         # Mosaic GPU compiles its kernels itself: ptxas -v and the PTX go to stdout.
         env["MOSAIC_GPU_DUMP_PTXAS"] = "1"
         env["MOSAIC_GPU_DUMP_PTX"] = "1"
+        # Mosaic GPU looks for ptxas on PATH first (XLA looks beside the CUDA plugin
+        # first): put the [aot] extra's ptxas first, so that every kernel is compiled
+        # by the same ptxas whatever CUDA toolkit the machine has.
+        if ptxas_dir := _wheel_ptxas_dir():
+            env["PATH"] = os.pathsep.join([ptxas_dir, env.get("PATH", "")])
     return env
 
 

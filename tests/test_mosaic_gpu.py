@@ -89,6 +89,15 @@ class TestMosaicGpuInterpret(LightningOpTestBase):
     checkpoint_ok = False  # the interpreter's ordered io_callbacks cannot be rematerialised
     supports_segment_ids = False  # not yet: the API refuses segment_ids for mosaic_gpu
 
+    @pytest.mark.parametrize("initial_state", ["none", "replicated"])
+    def test_inside_shard_map_with_type_checks(self, initial_state):
+        # jax 0.10.2's Mosaic GPU interpreter deadlocks when several shard_map devices
+        # run kernels at once (its shared-memory clean-up waits on a threading.Barrier
+        # sized for one kernel launch: seen hanging in _clean_up_shared_memory), so
+        # this cannot run on CPU; the kernel under shard_map is covered only by the
+        # 4 x H200 deviceless compile of the sequence-parallel op (tests/test_compile.py).
+        pytest.skip("Mosaic GPU interpreter deadlocks under multi-device shard_map (jax 0.10.2)")
+
     @pytest.mark.parametrize("case", INTERPRET_CASES, ids=case_id)
     def test_forward_and_grads_f32(self, case):
         LightningOpTestBase.test_forward_and_grads_f32(self, case)

@@ -169,10 +169,11 @@ def test_sequence_splits_with_segments_match_reference():
 
     450 rows in 4 splits of 128: split 0 holds a boundary (row 70), split 1 none (it
     passes on the run begun at 70), split 2 one on its first row (256) and a length-1
-    run (300), split 3 none (the last, partial).
+    run (300), split 3 none (the last, partial). One slope weak enough (lambda^128 =
+    e^-1.28) that a state wrongly passed through a split would show.
     """
     b, h, n, d, e = 1, 2, 450, 60, 24
-    slopes = make_slopes("strong", h)
+    slopes = jnp.array([0.01, 0.3], jnp.float32)
     q, k, v, s0, do, ds = make_inputs(12, b, h, n, d, e)
     ids = _boundary_ids(b, n, [70, 256, 300, 301])
     assert mosaic_gpu.choose_tiling(b * h, e, n, 4).splits == 4
@@ -189,10 +190,11 @@ def test_segment_boundary_at_offsets_of_a_kernel_block():
     """The kernel's blocks are 64 rows whatever block_size says, so the shared suite's
     16-row offsets do not reach all of one: here row r has a length-1 run at 64 + r for
     offsets r at both edges and the middle of the second block (r = 63: the next
-    boundary falls on the third block's first row; r = 0: on the second's)."""
+    boundary falls on the third block's first row; r = 0: on the second's). One slope
+    weak enough (lambda^64 = e^-1.28) that a state carried across a cut would show."""
     offsets = [0, 1, 2, 31, 32, 62, 63]
-    b, h, n, d, e = len(offsets), 1, 192, 8, 12
-    slopes = make_slopes("strong", h)
+    b, h, n, d, e = len(offsets), 2, 192, 8, 12
+    slopes = jnp.array([0.02, 0.5], jnp.float32)
     q, k, v, s0, do, ds = make_inputs(13, b, h, n, d, e)
     t = np.arange(n)[None, :]
     at = 64 + np.asarray(offsets)[:, None]

@@ -71,7 +71,7 @@ def _mosaic_tpu(q, k, v, slopes, initial_state, block_size, interpret, precision
     )
 
 
-def _mosaic_gpu(q, k, v, slopes, initial_state, block_size, interpret, precision):
+def _mosaic_gpu(q, k, v, slopes, initial_state, block_size, interpret, precision, segment_ids=None):
     from pallas_kernels.mosaic_gpu import lightning_attention_mosaic_gpu
 
     return lightning_attention_mosaic_gpu(
@@ -83,6 +83,7 @@ def _mosaic_gpu(q, k, v, slopes, initial_state, block_size, interpret, precision
         block_size=block_size,
         interpret=interpret,
         precision=precision,
+        segment_ids=segment_ids,
     )
 
 
@@ -97,7 +98,7 @@ _IMPLS: dict[str, Callable] = {
 }
 _PALLAS_IMPLS = ("triton", "mosaic_tpu", "mosaic_gpu")
 # The implementations that take `segment_ids`; any other refuses them (never ignores them).
-_SEGMENT_IMPLS = ("xla", "reference", "triton", "mosaic_tpu")
+_SEGMENT_IMPLS = ("xla", "reference", "triton", "mosaic_tpu", "mosaic_gpu")
 # Matmul precision for float32 inputs (see `lightning_attention`).
 PRECISIONS = ("default", "highest")
 # The best implementation per backend; anything else (CPU) takes the XLA path.
@@ -215,7 +216,7 @@ def lightning_attention(
         its own, so they neither see nor disturb the documents around them;
         their outputs are meaningless and should be masked out of a loss. None:
         the whole row is one sequence (the unsegmented code path, same cost).
-        Not differentiable (integers). Taken by "xla", "reference", "triton" and "mosaic_tpu".
+        Not differentiable (integers). Taken by every implementation.
 
     Returns:
       o `[B, H, T, E]` in q's dtype (accumulated in float32); with

@@ -36,6 +36,16 @@ most 256). When batch x heads
 leaves SMs idle, the sequence is also split (`choose_tiling`): a state-only
 sweep per split, an XLA scan combining the split states, then every split swept
 in parallel from its entering state.
+
+Segment ids (packed sequences): a static flag adds one operand, an int32 table of
+run-boundary counts (`segment_tables`: each row's count and the count before it),
+copied by TMA as a [2, block] tile per block beside X, Y and Z. Each block cuts its
+decays where the count changes: the mask between runs, the forward's out_decay
+outside the block's first run and state_decay outside its last, lambda^L when the
+block holds a boundary (Triton's `_cut_decays`; the reverse passes swap the row
+decays' roles, so their cuts too). The splits' `_combine` zeroes a split's decay
+when the split holds a boundary.
+Without segment ids the kernels have no table and compile as before.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels._common import flatten_and_pad, kernel_op, round_up, unpad
+from pallas_kernels._common import flatten_and_pad, kernel_op, round_up, segment_tables, unpad
 
 DEFAULT_BLOCK = 64  # rows per block: wgmma's M granularity
 TILE = 64  # columns of Z (and of the state) per program
@@ -63,6 +73,7 @@ DEFAULT_NUM_SMS = 132  # H100 SXM and H200
 MIN_SPLIT_BLOCKS = 8  # blocks per sequence split, at least
 SMEM_BUDGET = 200 * 1024  # of Hopper's 227 KB per block, leaving room for alignment
 MAX_SEQ = 1 << 24  # sequence lengths travel as float32 (exact below 2^24)
+SEGMENT_ROWS = 2  # rows of the segment table per block: run counts, and the counts before
 
 
 def _interpreter():
@@ -131,11 +142,14 @@ def _smem(shape, dtype):
     return plgpu.SMEM(shape, dtype, transforms=transforms)
 
 
-def _buffer_slots(block: int, x_width: int, width: int, dtype, state_only: bool) -> int:
+def _buffer_slots(
+    block: int, x_width: int, width: int, dtype, state_only: bool, segmented: bool = False
+) -> int:
     """2 (prefetch the next block's tiles while this one computes) when shared memory
     allows, else 1. Counts the kernel's shared-memory tiles (bytes)."""
     item = jnp.dtype(dtype).itemsize
     per_slot = (0 if state_only else block * x_width * item) + (block * width + block * TILE) * item
+    per_slot += SEGMENT_ROWS * block * 4 if segmented else 0  # int32 run counts
     fixed = (
         width * TILE * 4  # f32 state
         + block * TILE * (4 + item)  # decays, decayed Z
@@ -144,18 +158,26 @@ def _buffer_slots(block: int, x_width: int, width: int, dtype, state_only: bool)
     return 2 if fixed + 2 * per_slot <= SMEM_BUDGET else 1
 
 
-def _sweep_kernel(*refs, block: int, reverse: bool, state_only: bool, interpret: bool):
+def _sweep_kernel(
+    *refs, block: int, reverse: bool, state_only: bool, interpret: bool, segmented: bool
+):
     """One program: group g, Z-column tile t; walks every block of its sequence.
 
     refs: params [G, block] f32 (slope, real length), X [G, N, A] (absent when
-    state_only), Yt [G, A, N], Z [G, N, Zc], state0 [G, A, Zc] f32; outputs: out
+    state_only), Yt [G, A, N], Z [G, N, Zc], state0 [G, A, Zc] f32, segment
+    table [G, 2, N] int32 (only when segmented: `_segment_table`); outputs: out
     [G, N, Zc] (absent when state_only), final state [G, A, Zc] f32.
     """
+    num_inputs = (4 if state_only else 5) + segmented
+    inputs, outputs = refs[:num_inputs], refs[num_inputs:]
+    seg_ref = inputs[-1] if segmented else None
     if state_only:
-        params_ref, yt_ref, z_ref, state0_ref, state_ref = refs
+        params_ref, yt_ref, z_ref, state0_ref = inputs[:4]
+        (state_ref,) = outputs
         x_ref = out_ref = None
     else:
-        params_ref, x_ref, yt_ref, z_ref, state0_ref, out_ref, state_ref = refs
+        params_ref, x_ref, yt_ref, z_ref, state0_ref = inputs[:5]
+        out_ref, state_ref = outputs
     dtype = z_ref.dtype
     # Compiled, Y arrives untransposed ([G, N, A]) and wgmma reads it transposed from
     # shared memory (free for 16-bit types); the interpreter cannot run transposed
@@ -173,10 +195,21 @@ def _sweep_kernel(*refs, block: int, reverse: bool, state_only: bool, interpret:
         # layout_cast rule (jax 0.10.2), and needs none.
         return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)
 
-    x_width = x_ref.shape[-1] if x_ref is not None else width
-    slots = _buffer_slots(block, x_width, width, dtype, state_only)
+    def counts_along(ref, dim: int, shape):
+        """A [block] row of run counts in shared memory, broadcast along `dim` of `shape`:
+        dim 0 gives each row its own count, dim 1 each column its own."""
+        # The compiler needs the register layout of the row (WGMMA's rows or columns, so
+        # that it broadcasts into WGMMA tiles); the interpreter needs none.
+        counts = ref[...] if interpret else plgpu.load(ref, (), layout=_ROW_LAYOUTS[dim])
+        return lax.broadcast_in_dim(counts, shape, [dim])
 
-    def scoped(x_s, yt_s, z_s, p_s, st_s, zs_s, o_s, f32_s, mask_s, dec_s, params_s, barriers):
+    x_width = x_ref.shape[-1] if x_ref is not None else width
+    slots = _buffer_slots(block, x_width, width, dtype, state_only, segmented)
+    per_slot = 4 if segmented else 3  # barriers per buffer slot: X, Y, Z (and segment table)
+
+    def scoped(
+        x_s, yt_s, z_s, p_s, st_s, zs_s, o_s, f32_s, mask_s, dec_s, params_s, seg_s, barriers
+    ):
         plgpu.copy_gmem_to_smem(params_ref.at[g], params_s, barriers.at[0])
         plgpu.copy_gmem_to_smem(state0_ref.at[g, :, cols], f32_s, barriers.at[1])
         plgpu.barrier_wait(barriers.at[0])
@@ -203,12 +236,18 @@ def _sweep_kernel(*refs, block: int, reverse: bool, state_only: bool, interpret:
             rows = pl.ds(c * block, block)
             slot = lax.rem(step, slots)
             if not state_only:
-                plgpu.copy_gmem_to_smem(x_ref.at[g, rows, :], x_s.at[slot], barriers.at[3 * slot])
+                plgpu.copy_gmem_to_smem(
+                    x_ref.at[g, rows, :], x_s.at[slot], barriers.at[per_slot * slot]
+                )
             y_rows = yt_ref.at[g, rows, :] if y_natural else yt_ref.at[g, :, rows]
-            plgpu.copy_gmem_to_smem(y_rows, yt_s.at[slot], barriers.at[3 * slot + 1])
+            plgpu.copy_gmem_to_smem(y_rows, yt_s.at[slot], barriers.at[per_slot * slot + 1])
             plgpu.copy_gmem_to_smem(
-                z_ref.at[g, rows, cols], z_s.at[slot], barriers.at[3 * slot + 2]
+                z_ref.at[g, rows, cols], z_s.at[slot], barriers.at[per_slot * slot + 2]
             )
+            if segmented:
+                plgpu.copy_gmem_to_smem(
+                    seg_ref.at[g, :, rows], seg_s.at[slot], barriers.at[per_slot * slot + 3]
+                )
 
         if slots == 2:
             load(0)
@@ -232,21 +271,40 @@ def _sweep_kernel(*refs, block: int, reverse: bool, state_only: bool, interpret:
             q_dec = dec_s[...]
             rows_left = jnp.maximum(length - 1 - iota((block, TILE), 0), 0)
             k_dec = jnp.exp(-slope * rows_left.astype(jnp.float32))
-            out_dec, upd_dec = (k_dec, q_dec) if reverse else (q_dec, k_dec)
             state_dec = jnp.exp(-slope * length.astype(jnp.float32))
+            if segmented:
+                # Cut every decay that spans a run boundary (docs/design.md, segment ids):
+                # the block-start state reaches only rows of the run it belongs to (the
+                # first), only rows of the last run reach the block-end state, and the state
+                # passes through only a block that continues one run.
+                plgpu.barrier_wait(barriers.at[per_slot * slot + 3])
+                seg_t = seg_s.at[slot]
+                start, end = seg_t[1, 0], seg_t[0, block - 1]  # counts before / at the end
+                row_counts = counts_along(seg_t.at[0], 0, (block, TILE))
+                q_dec = jnp.where(row_counts == start, q_dec, 0.0)
+                k_dec = jnp.where(row_counts == end, k_dec, 0.0)
+                state_dec = jnp.where(start == end, state_dec, 0.0)
+            out_dec, upd_dec = (k_dec, q_dec) if reverse else (q_dec, k_dec)
 
-            plgpu.barrier_wait(barriers.at[3 * slot + 1])
+            plgpu.barrier_wait(barriers.at[per_slot * slot + 1])
             if not state_only:
-                plgpu.barrier_wait(barriers.at[3 * slot])
+                plgpu.barrier_wait(barriers.at[per_slot * slot])
 
                 def scores_mm(acc):
                     plgpu.wgmma(acc, x_t, plgpu.transpose_ref(yt_t, (1, 0)) if y_natural else yt_t)
                     return acc[...]
 
                 scores = pl.run_scoped(scores_mm, plgpu.ACC((block, block), jnp.float32))
-                p_s[...] = (scores * mask_s[...]).astype(dtype)
+                mask = mask_s[...]
+                if segmented:  # rows i, j interact only within one run (equal counts)
+                    shape = (block, block)
+                    same_run = counts_along(seg_t.at[0], 0, shape) == counts_along(
+                        seg_t.at[0], 1, shape
+                    )
+                    mask = jnp.where(same_run, mask, 0.0)
+                p_s[...] = (scores * mask).astype(dtype)
                 plgpu.commit_smem()
-            plgpu.barrier_wait(barriers.at[3 * slot + 2])
+            plgpu.barrier_wait(barriers.at[per_slot * slot + 2])
 
             if not state_only:
 
@@ -305,15 +363,22 @@ def _sweep_kernel(*refs, block: int, reverse: bool, state_only: bool, interpret:
         None if state_only else _smem((block, block), jnp.float32),  # mask_s: decay mask
         _smem((block, TILE), jnp.float32),  # dec_s: lambda^(i+1) per row
         plgpu.SMEM((block,), jnp.float32),  # params_s
-        plgpu.Barrier(num_barriers=3 * slots),
+        plgpu.SMEM((slots, SEGMENT_ROWS, block), jnp.int32) if segmented else None,  # seg_s
+        plgpu.Barrier(num_barriers=per_slot * slots),
     )
 
 
-def _sweep(params, x, y, z, state0, *, block, reverse, interpret):
+# Register layouts of a [block] vector that broadcasts along dim 0 (one value per row of a
+# WGMMA tile) or dim 1 (one per column).
+_ROW_LAYOUTS = {0: plgpu.Layout.WGMMA.reduce(1), 1: plgpu.Layout.WGMMA.reduce(0)}
+
+
+def _sweep(params, x, y, z, state0, *, block, reverse, interpret, seg=None):
     """out [G, N, Zc] (None when x is None: state only) and final state [G, A, Zc] f32.
 
     params [G, block] f32 holds each group's slope and real sequence length; y is
-    Y [G, N, A], the operand the kernel multiplies transposed (module docstring).
+    Y [G, N, A], the operand the kernel multiplies transposed (module docstring);
+    seg: None (no segment ids: the unsegmented kernel) or the `_segment_table`.
     """
     groups, _, width = y.shape
     yt = _t(y) if interpret else y  # the interpreter takes no transposed operands
@@ -325,6 +390,7 @@ def _sweep(params, x, y, z, state0, *, block, reverse, interpret):
         reverse=reverse,
         state_only=state_only,
         interpret=bool(interpret),
+        segmented=seg is not None,
     )
     state_type = jax.ShapeDtypeStruct((groups, width, z_cols), jnp.float32)
     out_type = (state_type,) if state_only else (jax.ShapeDtypeStruct(z.shape, z.dtype), state_type)
@@ -336,7 +402,10 @@ def _sweep(params, x, y, z, state0, *, block, reverse, interpret):
         grid_names=("g", "t"),
         interpret=interpret_params() if interpret else False,
         kernel_name=name + ("_reverse" if reverse else ""),
-    )(*((params, yt, z, state0) if state_only else (params, x, yt, z, state0)))
+    )(
+        *((params, yt, z, state0) if state_only else (params, x, yt, z, state0)),
+        *(() if seg is None else (seg,)),
+    )
     return (None, outs[0]) if state_only else tuple(outs)
 
 
@@ -385,11 +454,40 @@ def _params(slopes, tiling: Tiling, seq_len: int) -> jax.Array:
     return params.at[:, 1].set(jnp.tile(jnp.asarray(lengths, jnp.float32), slopes.shape[0]))
 
 
-def _combine(local, boundary, slopes, tiling: Tiling, seq_len: int, reverse: bool):
+def _segment_table(segments, tiling: Tiling) -> jax.Array | None:
+    """[G * S, 2, N / S] int32: per split, the run counts of its rows and the counts before.
+
+    segments: None or the (counts, before) pair of `segment_tables`, each [G, N].
+    """
+    if segments is None:
+        return None
+    table = jnp.stack(segments, axis=1)  # [G, 2, N]
+    groups, rows = table.shape[0], table.shape[2]
+    table = table.reshape(groups, 2, tiling.splits, rows // tiling.splits)
+    return jnp.moveaxis(table, 2, 1).reshape(groups * tiling.splits, 2, rows // tiling.splits)
+
+
+def _split_keeps(segments, tiling: Tiling) -> jax.Array | None:
+    """[S, G] float32: 1 where split s continues one run (its state passes through), else 0.
+
+    A split passes the state entering it (either direction) only when its rows and the
+    row before it are one run: the count at its last row equals the count before it.
+    """
+    if segments is None:
+        return None
+    counts, before = segments
+    split_rows = tiling.block * tiling.split_blocks
+    ends, starts = counts[:, split_rows - 1 :: split_rows], before[:, ::split_rows]
+    return (ends == starts).T.astype(jnp.float32)
+
+
+def _combine(local, boundary, slopes, tiling: Tiling, seq_len: int, reverse: bool, keeps=None):
     """States at every split boundary from each split's local state (an XLA scan over S).
 
     local [G * S, A, Z]: the state each split adds, starting from zero.
     boundary [G, A, Z]: the state entering the first split (the last when reverse).
+    keeps: None, or [S, G] (`_split_keeps`): 0 cuts the state at a split holding a
+    run boundary (segment ids).
     Returns the entering state of every split [G * S, A, Z] and the state leaving
     the last (first when reverse) split [G, A, Z].
     """
@@ -397,6 +495,8 @@ def _combine(local, boundary, slopes, tiling: Tiling, seq_len: int, reverse: boo
     split_rows = tiling.block * tiling.split_blocks
     lengths = np.clip(seq_len - np.arange(tiling.splits) * split_rows, 0, split_rows)
     decays = jnp.exp(-slopes.astype(jnp.float32)[None, :] * jnp.asarray(lengths)[:, None])
+    if keeps is not None:
+        decays = decays * keeps
     local = jnp.moveaxis(local.reshape(groups, tiling.splits, width, cols), 1, 0)
 
     def step(state, xs):
@@ -417,23 +517,37 @@ def _t(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 1, 2)
 
 
-def _entering_states(params, y, z, boundary, slopes, tiling, seq_len, interpret, reverse):
+def _entering_states(
+    params, y, z, boundary, slopes, tiling, seq_len, interpret, reverse, segments=None
+):
     """The state entering each split: a state-only pass, then `_combine`."""
     if tiling.splits == 1:
         return boundary, None
     zeros = jnp.zeros((y.shape[0], y.shape[2], z.shape[-1]), jnp.float32)
     _, local = _sweep(
-        params, None, y, z, zeros, block=tiling.block, reverse=reverse, interpret=interpret
+        params,
+        None,
+        y,
+        z,
+        zeros,
+        block=tiling.block,
+        reverse=reverse,
+        interpret=interpret,
+        seg=_segment_table(segments, tiling),
     )
-    return _combine(local, boundary, slopes, tiling, seq_len, reverse)
+    keeps = _split_keeps(segments, tiling)
+    return _combine(local, boundary, slopes, tiling, seq_len, reverse, keeps)
 
 
-def _forward(q, k, v, slopes, s0, tiling, seq_len, interpret):
-    """Padded [G, N, Dp] operands -> o [G, N, Ep], final state [G, Dp, Ep] float32."""
+def _forward(q, k, v, slopes, s0, tiling, seq_len, interpret, segments=None):
+    """Padded [G, N, Dp] operands -> o [G, N, Ep], final state [G, Dp, Ep] float32.
+
+    segments: None, or the (counts, before) pair of `segment_tables` [G, N] int32.
+    """
     params = _params(slopes, tiling, seq_len)
     ks, vs = _split(k, tiling), _split(v, tiling)
     starts, final = _entering_states(
-        params, ks, vs, s0, slopes, tiling, seq_len, interpret, reverse=False
+        params, ks, vs, s0, slopes, tiling, seq_len, interpret, reverse=False, segments=segments
     )
     o, last = _sweep(
         params,
@@ -444,16 +558,28 @@ def _forward(q, k, v, slopes, s0, tiling, seq_len, interpret):
         block=tiling.block,
         reverse=False,
         interpret=interpret,
+        seg=_segment_table(segments, tiling),
     )
     return o.reshape(v.shape), last if final is None else final
 
 
-def _backward(q, k, v, slopes, s0, do, dstate, tiling, seq_len, interpret):
-    """Algorithm 2 in three passes (module docstring): dQ forward; dV and dK in reverse."""
+def _backward(q, k, v, slopes, s0, do, dstate, tiling, seq_len, interpret, segments=None):
+    """Algorithm 2 in three passes (module docstring): dQ forward; dV and dK in reverse.
+
+    Every pass cuts its decays with the same segment table: the reverse passes swap
+    the roles of the row decays (out_decay, state_decay), and so of their cuts.
+    """
     params = _params(slopes, tiling, seq_len)
-    sweep = functools.partial(_sweep, block=tiling.block, interpret=interpret)
+    sweep = functools.partial(
+        _sweep, block=tiling.block, interpret=interpret, seg=_segment_table(segments, tiling)
+    )
     states = functools.partial(
-        _entering_states, slopes=slopes, tiling=tiling, seq_len=seq_len, interpret=interpret
+        _entering_states,
+        slopes=slopes,
+        tiling=tiling,
+        seq_len=seq_len,
+        interpret=interpret,
+        segments=segments,
     )
     qs, ks, vs, dos = (_split(x, tiling) for x in (q, k, v, do))
     starts_t, _ = states(params, vs, ks, _t(s0), reverse=False)  # KV^T entering each split
@@ -466,6 +592,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, tiling, seq_len, interpret):
 
 
 _lightning = kernel_op(_forward, _backward)
+_lightning_segmented = kernel_op(_forward, _backward, segmented=True)
 
 PRECISIONS = ("default", "highest")
 
@@ -482,6 +609,7 @@ def lightning_attention_mosaic_gpu(
     interpret: bool = False,
     precision: str = "default",
     seq_splits: int | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Pallas/Mosaic GPU Lightning Attention-2 on checked inputs; returns (o, final_state).
 
@@ -501,6 +629,10 @@ def lightning_attention_mosaic_gpu(
       seq_splits: split the sequence into this many pieces, each run by its own
         programs after a state-only pass (None: `choose_tiling` decides, splitting
         only when batch x heads leaves SMs idle). Changes no result beyond rounding.
+      segment_ids: optional int `[B, T]`: the state resets where the id changes (see
+        `lightning_attention`); each block cuts its decays at run boundaries, and a
+        sequence split holding one does not pass the state through. None: the
+        unsegmented kernels (no segment table, the same code as without the argument).
 
     Returns:
       o `[B, H, T, E]` in q's dtype and the final state `[B, H, D, E]` float32.
@@ -551,5 +683,9 @@ def lightning_attention_mosaic_gpu(
         round_up(d, DIM_ALIGN),
         round_up(e, DIM_ALIGN),
     )
-    o, state = _lightning(*padded, tiling, n, interpret)
+    if segment_ids is None:
+        o, state = _lightning(*padded, tiling, n, interpret)
+    else:
+        segments = segment_tables(segment_ids, heads, padded.q.shape[1])
+        o, state = _lightning_segmented(*padded, segments, tiling, n, interpret)
     return unpad(o, state, batch, heads, n, d, e)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import lightning_jax as lj
@@ -87,7 +88,6 @@ class TestMosaicGpuInterpret(LightningOpTestBase):
     # Always the interpreter, also on a GPU backend (float32 does not run on the GPU).
     op_kwargs = {"interpret": True}
     checkpoint_ok = False  # the interpreter's ordered io_callbacks cannot be rematerialised
-    supports_segment_ids = False  # not yet: the API refuses segment_ids for mosaic_gpu
 
     @pytest.mark.parametrize("initial_state", ["none", "replicated"])
     def test_inside_shard_map_with_type_checks(self, initial_state):
@@ -135,6 +135,77 @@ def test_sequence_splits_match_reference(splits, n):
     ref_grads = loss_and_grads(ref_fn, q, k, v, s0, do, ds)
     for name, g, g_ref in zip(("dq", "dk", "dv", "d_initial_state"), grads, ref_grads):
         assert_close(g, g_ref, F32_TOL, name)
+
+
+def _boundary_ids(batch: int, n: int, boundaries) -> jax.Array:
+    """int32 `[batch, n]` ids whose runs change exactly at `boundaries` (the same every row)."""
+    ids = np.zeros((batch, n), np.int32)
+    for t in boundaries:
+        ids[:, t:] += 1
+    return jnp.asarray(ids % 3)  # ids reused across runs: only the changes matter
+
+
+def _check_segmented_against_reference(fn, slopes, ids, q, k, v, s0, do, ds):
+    """fn(q, k, v, s0) -> (o, state) with `ids`: o, final state and every gradient."""
+
+    def ref_fn(q, k, v, s0):
+        return reference.naive_attention(
+            q, k, v, slopes, initial_state=s0, return_final_state=True, segment_ids=ids
+        )
+
+    o, state = jax.jit(fn)(q, k, v, s0)
+    o_ref, state_ref = ref_fn(q, k, v, s0)
+    assert_close(o, o_ref, F32_TOL, "o")
+    assert_close(state, state_ref, F32_TOL, "final state")
+    grads = jax.jit(functools.partial(loss_and_grads, fn))(q, k, v, s0, do, ds)
+    ref_grads = loss_and_grads(ref_fn, q, k, v, s0, do, ds)
+    for name, g, g_ref in zip(("dq", "dk", "dv", "d_initial_state"), grads, ref_grads):
+        assert_close(g, g_ref, F32_TOL, name)
+
+
+def test_sequence_splits_with_segments_match_reference():
+    """Sequence splits with segment ids: `_combine` cuts the state at a split holding a
+    run boundary and passes it through one that continues a run, both directions.
+
+    450 rows in 4 splits of 128: split 0 holds a boundary (row 70), split 1 none (it
+    passes on the run begun at 70), split 2 one on its first row (256) and a length-1
+    run (300), split 3 none (the last, partial). One slope weak enough (lambda^128 =
+    e^-1.28) that a state wrongly passed through a split would show.
+    """
+    b, h, n, d, e = 1, 2, 450, 60, 24
+    slopes = jnp.array([0.01, 0.3], jnp.float32)
+    q, k, v, s0, do, ds = make_inputs(12, b, h, n, d, e)
+    ids = _boundary_ids(b, n, [70, 256, 300, 301])
+    assert mosaic_gpu.choose_tiling(b * h, e, n, 4).splits == 4
+
+    def fn(q, k, v, s0):
+        return mosaic_gpu.lightning_attention_mosaic_gpu(
+            q, k, v, slopes, s0, interpret=True, seq_splits=4, segment_ids=ids
+        )
+
+    _check_segmented_against_reference(fn, slopes, ids, q, k, v, s0, do, ds)
+
+
+def test_segment_boundary_at_offsets_of_a_kernel_block():
+    """The kernel's blocks are 64 rows whatever block_size says, so the shared suite's
+    16-row offsets do not reach all of one: here row r has a length-1 run at 64 + r for
+    offsets r at both edges and the middle of the second block (r = 63: the next
+    boundary falls on the third block's first row; r = 0: on the second's). One slope
+    weak enough (lambda^64 = e^-1.28) that a state carried across a cut would show."""
+    offsets = [0, 1, 2, 31, 32, 62, 63]
+    b, h, n, d, e = len(offsets), 2, 192, 8, 12
+    slopes = jnp.array([0.02, 0.5], jnp.float32)
+    q, k, v, s0, do, ds = make_inputs(13, b, h, n, d, e)
+    t = np.arange(n)[None, :]
+    at = 64 + np.asarray(offsets)[:, None]
+    ids = jnp.asarray(np.where(t == at, 9, 5), jnp.int32)
+
+    def fn(q, k, v, s0):
+        return mosaic_gpu.lightning_attention_mosaic_gpu(
+            q, k, v, slopes, s0, interpret=True, segment_ids=ids
+        )
+
+    _check_segmented_against_reference(fn, slopes, ids, q, k, v, s0, do, ds)
 
 
 def test_choose_tiling_fills_the_gpu():
@@ -316,7 +387,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import lightning_jax as lj
 
-    target_file, b, h, n, d, e, dtype, splits = sys.argv[1:9]
+    target_file, b, h, n, d, e, dtype, splits, segmented = sys.argv[1:10]
     b, h, n, d, e = map(int, (b, h, n, d, e))
     topo = topologies.get_topology_desc(
         platform="cuda", topology="1x1x1", target_config=open(target_file).read()
@@ -327,14 +398,17 @@ _COMPILE_SCRIPT = textwrap.dedent(
     slopes = lj.alibi_slopes(h)
     from pallas_kernels.mosaic_gpu import lightning_attention_mosaic_gpu
 
-    def loss(q, k, v):
+    ids = jax.ShapeDtypeStruct((b, n), jnp.int32, sharding=sh) if segmented == "1" else None
+
+    def loss(q, k, v, segment_ids):
         s0 = jnp.zeros((b, h, d, e), jnp.float32)
         o, state = lightning_attention_mosaic_gpu(
-            q, k, v, slopes, s0, seq_splits=None if splits == "auto" else int(splits)
+            q, k, v, slopes, s0, seq_splits=None if splits == "auto" else int(splits),
+            segment_ids=segment_ids,
         )
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(state)
 
-    jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, q, v).compile()
+    jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(q, q, v, ids).compile()
     print("COMPILED")
     """
 )
@@ -351,17 +425,23 @@ def _cuda_compile_available() -> str | None:
 
 @pytest.mark.skipif(_cuda_compile_available() is not None, reason=str(_cuda_compile_available()))
 @pytest.mark.parametrize(
-    "target, b, h, n, d, e, splits",
+    "target, b, h, n, d, e, splits, segmented",
     [
-        ("h200", 2, 4, 2048, 64, 64, "1"),
-        ("h200", 2, 4, 2048, 128, 128, "1"),
-        ("h100_sxm", 2, 4, 2048, 128, 128, "1"),
-        ("h200", 1, 2, 1024, 256, 256, "1"),
-        ("h200", 1, 3, 1000, 192, 100, "auto"),  # awkward: odd seq, d != e, not powers of 2
-        ("h200", 1, 8, 8192, 128, 128, "auto"),  # b1 h8: split over the sequence
+        ("h200", 2, 4, 2048, 64, 64, "1", False),
+        ("h200", 2, 4, 2048, 128, 128, "1", False),
+        ("h100_sxm", 2, 4, 2048, 128, 128, "1", False),
+        ("h200", 1, 2, 1024, 256, 256, "1", False),
+        ("h200", 1, 3, 1000, 192, 100, "auto", False),  # awkward: odd seq, d != e, not 2^k
+        ("h200", 1, 8, 8192, 128, 128, "auto", False),  # b1 h8: split over the sequence
+        # Segment ids: the segmented kernels (run counts by TMA, decays cut in registers).
+        ("h200", 2, 4, 2048, 64, 64, "1", True),
+        ("h200", 2, 4, 2048, 128, 128, "1", True),
+        ("h200", 1, 2, 1024, 256, 256, "1", True),
+        ("h200", 1, 3, 1000, 192, 100, "auto", True),  # with splits and their state-only pass
     ],
+    ids=lambda x: {True: "segmented", False: "plain"}.get(x) if isinstance(x, bool) else None,
 )
-def test_compiles_for_hopper_without_spills(target, b, h, n, d, e, splits):
+def test_compiles_for_hopper_without_spills(target, b, h, n, d, e, splits, segmented):
     """Forward + backward bf16, the real deviceless compile (Mosaic GPU, ptxas -v)."""
     env = dict(
         os.environ,
@@ -370,7 +450,7 @@ def test_compiles_for_hopper_without_spills(target, b, h, n, d, e, splits):
         MOSAIC_GPU_DUMP_PTXAS="1",
         PYTHONPATH=str(REPO),
     )
-    args = [str(GPU_TARGETS / f"{target}.txtpb"), b, h, n, d, e, "bfloat16", splits]
+    args = [str(GPU_TARGETS / f"{target}.txtpb"), b, h, n, d, e, "bfloat16", splits, int(segmented)]
     result = subprocess.run(
         [sys.executable, "-c", _COMPILE_SCRIPT, *map(str, args)],
         capture_output=True,

@@ -321,10 +321,12 @@ def write_results(path: str, control: list[dict], rows: list[dict], seconds: flo
     """The run as JSON at `path` and as a markdown table next to it (same name, .md)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     record = dict(
-        command="python experiments/mutation_check.py "
-        + " ".join(a for a in sys.argv[1:] if not a.startswith("--json")),
+        command=" ".join(
+            ["python experiments/mutation_check.py"]
+            + [a for a in sys.argv[1:] if not a.startswith("--json")]
+        ),
         date=time.strftime("%Y-%m-%d", time.gmtime()),
-        machine=platform.processor() or platform.machine(),
+        machine=_cpu_name(),
         cpus=os.cpu_count(),
         python=platform.python_version(),
         jax=_jax_version(),
@@ -348,6 +350,18 @@ def write_results(path: str, control: list[dict], rows: list[dict], seconds: flo
         )
     with open(os.path.splitext(path)[0] + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _jax_version() -> str:

@@ -11,6 +11,7 @@ Run the whole suite once with a junit file, then this script on it:
   PYTEST_ADDOPTS="--junitxml=/tmp/suite.xml" python -m pytest
   python experiments/suite_time.py /tmp/suite.xml              # issue 11's tests
   python experiments/suite_time.py /tmp/suite.xml --tests='tests/test_xla.py::*'
+  python experiments/suite_time.py /tmp/a.xml /tmp/b.xml   # partial runs, pooled
 
 --tests takes fnmatch patterns (`*`, `?`, `[` quoted as `[[]`) matched against
 node ids built from the junit record, `tests/test_pallas.py::TestTritonInterpret::
@@ -134,11 +135,12 @@ def suite_share(cases: list[Case], patterns: tuple[str, ...]) -> dict:
 
 
 def main(argv):
-    if len(argv) != 2:
-        raise app.UsageError("usage: suite_time.py JUNIT_XML [--tests=PATTERN,...]")
+    if len(argv) < 2:
+        raise app.UsageError("usage: suite_time.py JUNIT_XML [JUNIT_XML ...] [--tests=PATTERN,...]")
     patterns = tuple(FLAGS.tests) if FLAGS.tests else ISSUE_11_TESTS
-    share = suite_share(read_junit(argv[1]), patterns)
-    print(f"{argv[1]}: {share['tests']} tests, {share['total_s']:.1f} s in all")
+    paths = argv[1:]
+    share = suite_share([case for path in paths for case in read_junit(path)], patterns)
+    print(f"{' + '.join(paths)}: {share['tests']} tests, {share['total_s']:.1f} s in all")
     print(f"selected: {share['added_tests']} tests, {share['added_s']:.1f} s")
     print(f"rest: {share['rest_s']:.1f} s; growth = selected / rest = {share['growth']:.1%}")
     if share["failed_or_error"]:
@@ -150,7 +152,7 @@ def main(argv):
         print(f"  {seconds:8.2f} s  {nid}")
     if FLAGS.json:
         with open(FLAGS.json, "w") as f:
-            json.dump(dict(junit=argv[1], patterns=list(patterns), **share), f, indent=2)
+            json.dump(dict(junit=paths, patterns=list(patterns), **share), f, indent=2)
             f.write("\n")
     return 0
 

@@ -7,15 +7,25 @@ tests that should catch it, and reports how many failed and the first failure's
 message. A mutation whose source text is no longer found is reported as
 "stale" (a kernel was rewritten: update its pattern here), never silently skipped.
 
-The mutations: the carried state (forward) or dKV (backward) rounded to the input
-dtype between blocks, in every kernel and the XLA path (the precision bug the
-suite missed before the derived tolerances); a final state rounded once; a
-query decay off by one row; a sequence-parallel combine decayed one row too many;
-the benchmark's FLOP count back to its d == e-only formula.
+The mutations: the carried state (forward, dQ sweep) or dKV (dK/dV sweeps) rounded
+to the input dtype between blocks, in every kernel (Triton's forward, dQ, dK and dV
+kernels; Mosaic TPU's forward, dQ and dK-dV kernels; the Mosaic GPU sweep, in order
+and reversed) and the XLA path (between chunks, and between blocks inside a chunk),
+the precision bug the suite missed before the derived tolerances; a final state
+rounded once; segment ids whose state is not reset, or whose intra-block mask is not
+cut, at a run boundary (Triton, Mosaic TPU, XLA); a query decay off by one row; a
+sequence-parallel combine decayed one row too many; the benchmark's FLOP count back
+to its d == e-only formula.
+
+Each mutation runs the smallest test selection that honestly catches it: the exact
+float32-state probe plus the derived-tolerance cases that carry a state across many
+blocks (2048 and 4096 rows) for the roundings (the probe alone for Mosaic GPU, whose
+interpreter is slow), the boundary-at-every-offset test for segment ids.
+Without --only the results are written to results/mutation_check.json and .md.
 
   python experiments/mutation_check.py --nocontrol      # skip the unmodified runs
   python experiments/mutation_check.py --nostop_at_first   # count every failing test
-  python experiments/mutation_check.py --only=triton_fwd_state_rounded,xla_fwd_state_rounded
+  python experiments/mutation_check.py --only=triton_fwd_state_rounded,xla_fwd_chunk_state_rounded
 
 Exit status 1 if a mutation is missed or stale, or if the control run fails.
 """

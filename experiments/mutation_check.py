@@ -7,22 +7,34 @@ tests that should catch it, and reports how many failed and the first failure's
 message. A mutation whose source text is no longer found is reported as
 "stale" (a kernel was rewritten: update its pattern here), never silently skipped.
 
-The mutations: the carried state (forward) or dKV (backward) rounded to the input
-dtype between blocks, in every kernel and the XLA path (the precision bug the
-suite missed before the derived tolerances); a final state rounded once; a
-query decay off by one row; a sequence-parallel combine decayed one row too many;
-the benchmark's FLOP count back to its d == e-only formula.
+The mutations: the carried state (forward, dQ sweep) or dKV (dK/dV sweeps) rounded
+to the input dtype between blocks, in every kernel (Triton's forward, dQ, dK and dV
+kernels; Mosaic TPU's forward, dQ and dK-dV kernels; the Mosaic GPU sweep, in order
+and reversed) and the XLA path (between chunks, and between blocks inside a chunk),
+the precision bug the suite missed before the derived tolerances; a final state
+rounded once; segment ids whose state is not reset, or whose intra-block mask is not
+cut, at a run boundary (Triton, Mosaic TPU, XLA); a query decay off by one row; a
+sequence-parallel combine decayed one row too many; the benchmark's FLOP count back
+to its d == e-only formula.
+
+Each mutation runs the smallest test selection that honestly catches it: the exact
+float32-state probe plus the derived-tolerance cases that carry a state across many
+blocks (2048 and 4096 rows) for the roundings (the probe alone for Mosaic GPU, whose
+interpreter is slow), the boundary-at-every-offset test for segment ids.
+Without --only the results are written to results/mutation_check.json and .md.
 
   python experiments/mutation_check.py --nocontrol      # skip the unmodified runs
   python experiments/mutation_check.py --nostop_at_first   # count every failing test
-  python experiments/mutation_check.py --only=triton_fwd_state_rounded,xla_fwd_state_rounded
+  python experiments/mutation_check.py --only=triton_fwd_state_rounded,xla_fwd_chunk_state_rounded
 
 Exit status 1 if a mutation is missed or stale, or if the control run fails.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -40,11 +52,23 @@ flags.DEFINE_bool("keep", False, "Keep the temporary copy (its path is printed).
 flags.DEFINE_bool(
     "stop_at_first", True, "Stop each mutation's run at its first failing test (pytest -x)."
 )
+flags.DEFINE_string(
+    "json",
+    None,
+    "Write the results here as JSON, and a markdown table beside it (.md). Default: "
+    "results/mutation_check.json when every mutation runs (no --only), else nowhere.",
+)
+DEFAULT_JSON = "results/mutation_check.json"
 
 ROUND = ".astype({dtype}).astype(jnp.float32)"
 # The exact probe of the carried state, and the derived-tolerance tests at 2048 (no decay)
 # and 4096 (ALiBi) rows.
 PRECISION_TESTS = "test_carried_state or (test_low_precision and (n2048 or n4096))"
+# The Mosaic GPU interpreter is slow: the exact probe alone.
+MOSAIC_GPU_TESTS = "test_carried_state"
+# A boundary at every offset inside a 16-row block (the state must reset there, the
+# mask must be cut there).
+SEGMENT_TESTS = "test_segment_boundary_at_every_offset"
 
 
 class Mutation(NamedTuple):
@@ -61,30 +85,38 @@ def _pallas(cls: str, expr: str) -> tuple[str, ...]:
 
 
 MUTATIONS = [
+    # --- the carried state rounded to the input dtype between blocks --------------------
     Mutation(
         "triton_fwd_state_rounded",
         "pallas_kernels/triton.py",
-        "return state_dec * kv + _dot(k_scaled, v, trans_a=True)",
-        "return (state_dec * kv + _dot(k_scaled, v, trans_a=True))"
-        + ROUND.format(dtype="in_dtype"),
+        "return state_dec * kv + dot(k_scaled, v, trans_a=True)",
+        "return (state_dec * kv + dot(k_scaled, v, trans_a=True))" + ROUND.format(dtype="in_dtype"),
         _pallas("TestTritonInterpret", PRECISION_TESTS),
     ),
     Mutation(
         "triton_dq_state_rounded",
         "pallas_kernels/triton.py",
-        "return state_dec * kv + _dot(k_scaled, v, trans_a=True)",
-        "return (state_dec * kv + _dot(k_scaled, v, trans_a=True))"
-        + ROUND.format(dtype="in_dtype"),
+        "return state_dec * kv + dot(k_scaled, v, trans_a=True)",
+        "return (state_dec * kv + dot(k_scaled, v, trans_a=True))" + ROUND.format(dtype="in_dtype"),
         _pallas("TestTritonInterpret", PRECISION_TESTS),
-        occurrence=1,
+        occurrence=1,  # the dQ kernel's state sweep
     ),
     Mutation(
-        "triton_bwd_dkv_rounded",
+        "triton_dk_dkv_rounded",
         "pallas_kernels/triton.py",
-        "return state_dec * dkv + _dot(q_scaled, do, trans_a=True)",
-        "return (state_dec * dkv + _dot(q_scaled, do, trans_a=True))"
+        "return state_dec * dkv + dot(q_scaled, do, trans_a=True)",
+        "return (state_dec * dkv + dot(q_scaled, do, trans_a=True))"
         + ROUND.format(dtype="in_dtype"),
         _pallas("TestTritonInterpret", PRECISION_TESTS),
+    ),
+    Mutation(
+        "triton_dv_dkv_rounded",
+        "pallas_kernels/triton.py",
+        "return state_dec * dkv + dot(q_scaled, do, trans_a=True)",
+        "return (state_dec * dkv + dot(q_scaled, do, trans_a=True))"
+        + ROUND.format(dtype="in_dtype"),
+        _pallas("TestTritonInterpret", PRECISION_TESTS),
+        occurrence=1,  # the dV kernel's own dKV sweep
     ),
     Mutation(
         "triton_final_state_rounded_once",
@@ -96,42 +128,120 @@ MUTATIONS = [
     Mutation(
         "mosaic_tpu_fwd_state_rounded",
         "pallas_kernels/mosaic_tpu.py",
-        "kv_ref[...] = kv * state_dec + _dot(k_scaled, v, _TN)",
-        "kv_ref[...] = (kv * state_dec + _dot(k_scaled, v, _TN))" + ROUND.format(dtype="in_dtype"),
+        "kv_ref[...] = kv * state_dec + _dot(k_scaled, v, precision, _TN)",
+        "kv_ref[...] = (kv * state_dec + _dot(k_scaled, v, precision, _TN))"
+        + ROUND.format(dtype="in_dtype"),
         _pallas("TestMosaicTpuInterpret", PRECISION_TESTS),
     ),
     Mutation(
         "mosaic_tpu_dq_state_rounded",
         "pallas_kernels/mosaic_tpu.py",
-        "kv_ref[...] = kv * state_dec + _dot(k_scaled, v, _TN)",
-        "kv_ref[...] = (kv * state_dec + _dot(k_scaled, v, _TN))" + ROUND.format(dtype="in_dtype"),
+        "kv_ref[...] = kv * state_dec + _dot(k_scaled, v, precision, _TN)",
+        "kv_ref[...] = (kv * state_dec + _dot(k_scaled, v, precision, _TN))"
+        + ROUND.format(dtype="in_dtype"),
         _pallas("TestMosaicTpuInterpret", PRECISION_TESTS),
-        occurrence=1,
+        occurrence=1,  # the dQ kernel's state sweep
     ),
     Mutation(
-        "mosaic_tpu_bwd_dkv_rounded",
+        "mosaic_tpu_dkdv_dkv_rounded",
         "pallas_kernels/mosaic_tpu.py",
-        "dkv_ref[...] = dkv * state_dec + _dot(q_scaled, do, _TN)",
-        "dkv_ref[...] = (dkv * state_dec + _dot(q_scaled, do, _TN))"
+        "dkv_ref[...] = dkv * state_dec + _dot(q_scaled, do, precision, _TN)",
+        "dkv_ref[...] = (dkv * state_dec + _dot(q_scaled, do, precision, _TN))"
         + ROUND.format(dtype="in_dtype"),
         _pallas("TestMosaicTpuInterpret", PRECISION_TESTS),
     ),
+    # One sweep kernel serves the forward, dQ (in order) and dK, dV (reversed) passes;
+    # the float32 state tile f32_s is what it carries (st_s is its input-dtype copy for
+    # the next block's matmul, rounded by design).
     Mutation(
-        "xla_fwd_state_rounded",
+        "mosaic_gpu_fwd_dq_state_rounded",
+        "pallas_kernels/mosaic_gpu.py",
+        "state = state_dec * f32_s[rs] + update\n",
+        "state = state_dec * f32_s[rs] + update\n"
+        "                if not reverse:  # planted: the forward and dQ sweeps round the state\n"
+        "                    state = state.astype(dtype).astype(jnp.float32)\n",
+        ("tests/test_mosaic_gpu.py", "-k", MOSAIC_GPU_TESTS),
+    ),
+    Mutation(
+        "mosaic_gpu_dk_dv_state_rounded",
+        "pallas_kernels/mosaic_gpu.py",
+        "state = state_dec * f32_s[rs] + update\n",
+        "state = state_dec * f32_s[rs] + update\n"
+        "                if reverse:  # planted: the dK and dV sweeps round dKV\n"
+        "                    state = state.astype(dtype).astype(jnp.float32)\n",
+        ("tests/test_mosaic_gpu.py", "-k", MOSAIC_GPU_TESTS),
+    ),
+    Mutation(
+        "xla_fwd_chunk_state_rounded",
         "lightning_jax/xla.py",
-        "o_chunk, kv_next = _chunk_forward(*qkv, kv, dec)",
-        "o_chunk, kv_next = _chunk_forward(*qkv, kv, dec)\n"
+        "o_chunk, kv_next = _chunk_forward(*qkv, kv, cut, plan.precision)",
+        "o_chunk, kv_next = _chunk_forward(*qkv, kv, cut, plan.precision)\n"
         "            kv_next = kv_next.astype(q.dtype).astype(dtype)",
         ("tests/test_xla.py", "-k", PRECISION_TESTS),
     ),
+    # Inside a chunk the XLA path has no input dtype at hand (it computes in float32):
+    # the block-start states are rounded to bfloat16, coarser than either input dtype.
     Mutation(
-        "xla_bwd_dkv_rounded",
+        "xla_fwd_block_states_rounded_bf16",
         "lightning_jax/xla.py",
-        "*chunk, dkv = _chunk_backward(*blocked, kv, dkv, dec)",
-        "*chunk, dkv = _chunk_backward(*blocked, kv, dkv, dec)\n"
+        "starts = _block_states(k_t, v, kv, dec, precision)\n    o = o +",
+        "starts = _block_states(k_t, v, kv, dec, precision)"
+        + ROUND.format(dtype="jnp.bfloat16")
+        + "\n    o = o +",
+        ("tests/test_xla.py", "-k", PRECISION_TESTS),
+    ),
+    Mutation(
+        "xla_bwd_chunk_dkv_rounded",
+        "lightning_jax/xla.py",
+        "*chunk, dkv = _chunk_backward(*blocked, kv, dkv, dec, plan.precision)",
+        "*chunk, dkv = _chunk_backward(*blocked, kv, dkv, dec, plan.precision)\n"
         "        dkv = dkv.astype(q.dtype).astype(dtype)",
         ("tests/test_xla.py", "-k", PRECISION_TESTS),
     ),
+    Mutation(
+        "xla_bwd_block_dkv_rounded_bf16",
+        "lightning_jax/xla.py",
+        "d_increments = _prefix(dec.suffix, grads)",
+        "d_increments = _prefix(dec.suffix, grads)" + ROUND.format(dtype="jnp.bfloat16"),
+        ("tests/test_xla.py", "-k", PRECISION_TESTS),
+    ),
+    # --- segment ids ------------------------------------------------------------------
+    Mutation(
+        "triton_segment_state_not_reset",
+        "pallas_kernels/triton.py",
+        "jnp.where(end == start, state_dec, 0.0)",
+        "state_dec",
+        _pallas("TestTritonInterpret", SEGMENT_TESTS),
+    ),
+    Mutation(
+        "triton_segment_mask_not_cut",
+        "pallas_kernels/triton.py",
+        "jnp.where(counts[:, None] == counts[None, :], mask, 0.0)",
+        "mask",
+        _pallas("TestTritonInterpret", SEGMENT_TESTS),
+    ),
+    Mutation(
+        "mosaic_tpu_segment_state_not_reset",
+        "pallas_kernels/mosaic_tpu.py",
+        "jnp.where(end == start, state_dec, 0.0)",
+        "state_dec",
+        _pallas("TestMosaicTpuInterpret", SEGMENT_TESTS),
+    ),
+    Mutation(
+        "xla_segment_state_not_reset",
+        "lightning_jax/xla.py",
+        "prefix=dec.prefix * reaches,",
+        "prefix=dec.prefix,",
+        ("tests/test_xla.py", "-k", SEGMENT_TESTS),
+    ),
+    Mutation(
+        "xla_segment_mask_not_cut",
+        "lightning_jax/xla.py",
+        "mask=dec.mask * (counts[..., :, None] == counts[..., None, :]),",
+        "mask=dec.mask,",
+        ("tests/test_xla.py", "-k", SEGMENT_TESTS),
+    ),
+    # --- decays, sequence parallelism, benchmark FLOPs -----------------------------------
     Mutation(
         "triton_query_decay_off_by_one",
         "pallas_kernels/triton.py",
@@ -217,8 +327,65 @@ def run_tests(root: str, args: tuple[str, ...], stop_at_first: bool = False) -> 
     )
 
 
+def write_results(path: str, control: list[dict], rows: list[dict], seconds: float) -> None:
+    """The run as JSON at `path` and as a markdown table next to it (same name, .md)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    record = dict(
+        command=" ".join(
+            ["python experiments/mutation_check.py"]
+            + [a for a in sys.argv[1:] if not a.startswith("--json")]
+        ),
+        date=time.strftime("%Y-%m-%d", time.gmtime()),
+        machine=_cpu_name(),
+        cpus=os.cpu_count(),
+        python=platform.python_version(),
+        jax=_jax_version(),
+        stop_at_first=FLAGS.stop_at_first,
+        seconds=round(seconds, 1),
+        control=control,
+        mutations=rows,
+    )
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    lines = [
+        "| mutation | file | result | caught by (first failing test) | tests run | s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        caught_by = row["first_failure"].split(" - ")[0] or "-"
+        lines.append(
+            f"| `{row['name']}` | {row['path']} | {row['result']} | `{caught_by}` | "
+            f"{row['ran']} | {row['seconds']:.0f} |"
+        )
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _jax_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("jax")
+    except Exception:  # noqa: BLE001 - only a label in the record
+        return "unknown"
+
+
 def main(argv):
     del argv
+    began = time.perf_counter()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     selected = [m for m in MUTATIONS if not FLAGS.only or m.name in FLAGS.only]
     unknown = set(FLAGS.only or ()) - {m.name for m in MUTATIONS}
@@ -228,20 +395,32 @@ def main(argv):
     copy_repository(root, work)
     print(f"copy of the project: {work}")
     ok = True
+    control, rows = [], []
     if FLAGS.control:
         for args in dict.fromkeys(m.tests for m in selected):
             result = run_tests(work, args)
             status = "pass" if result["returncode"] == 0 and result["passed"] else "FAIL"
             ok &= status == "pass"
+            control.append(
+                dict(
+                    tests=" ".join(args),
+                    result=status,
+                    passed=result["passed"],
+                    failed=result["failed"],
+                    seconds=round(result["seconds"], 1),
+                )
+            )
             print(f"control {' '.join(args)}: {status} ({result['passed']} passed, "
                   f"{result['failed']} failed, {result['seconds']:.0f} s)", flush=True)  # fmt: skip
             if status != "pass":
                 print(result["output"][-3000:])
     print(f"{'mutation':>36} {'result':>7} {'failed':>6} {'ran':>3} {'s':>5}  first failure")
     for mutation in selected:
+        row = dict(name=mutation.name, path=mutation.path, tests=" ".join(mutation.tests))
         original = apply(mutation, work)
         if original is None:
             ok = False
+            rows.append(dict(row, result="STALE", failed=0, ran=0, seconds=0.0, first_failure=""))
             print(f"{mutation.name:>36} {'STALE':>7}  (text not found in {mutation.path})")
             continue
         try:
@@ -252,6 +431,16 @@ def main(argv):
         caught = result["failed"] > 0
         ok &= caught
         total = result["failed"] + result["passed"]
+        rows.append(
+            dict(
+                row,
+                result="caught" if caught else "MISSED",
+                failed=result["failed"],
+                ran=total,
+                seconds=round(result["seconds"], 1),
+                first_failure=result["first_failure"],
+            )
+        )
         print(
             f"{mutation.name:>36} {'caught' if caught else 'MISSED':>7} {result['failed']:>6} "
             f"{total:>3} {result['seconds']:>5.0f}  {result['first_failure'][:160]}",
@@ -259,6 +448,12 @@ def main(argv):
         )
     if not FLAGS.keep:
         shutil.rmtree(work, ignore_errors=True)
+    json_path = FLAGS.json
+    if json_path is None and not FLAGS.only:
+        json_path = os.path.join(root, DEFAULT_JSON)
+    if json_path:
+        write_results(json_path, control, rows, time.perf_counter() - began)
+        print(f"wrote {json_path} and its .md table")
     print("every mutation caught" if ok else "NOT every mutation caught (or control failed)")
     sys.exit(0 if ok else 1)
 

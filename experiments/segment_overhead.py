@@ -2,7 +2,8 @@ r"""Is the op's time with segment_ids=None unchanged by the segment-id code? A/B
 
 Runs `bench_ops.py` (this checkout's script) alternately on this checkout's
 `lightning_jax` (A) and on another tree's (B: e.g. the commit before segment ids,
-checked out in a temporary worktree), A B A B ..., each a fresh process timing
+checked out in a temporary worktree), A B B A A B ... (which goes first alternates,
+so a load that drifts within a pair favours neither), each a fresh process timing
 the same op (default: the XLA path's forward at b1 h8 d=e=64 f32, seq 65536), so
 both see the same machine load over the same window. Reports the ratio A/B of
 each pair's median times, their median and spread, and writes JSON.
@@ -62,8 +63,8 @@ def main(argv):
     times = dict(a=[], b=[])
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(FLAGS.pairs):
-            for name, tree in trees.items():
-                times[name].append(bench(tree, Path(tmp) / f"{name}{i}.json"))
+            for name in ("a", "b") if i % 2 == 0 else ("b", "a"):
+                times[name].append(bench(trees[name], Path(tmp) / f"{name}{i}.json"))
             print(f"pair {i}: A {times['a'][-1]:.4f}s B {times['b'][-1]:.4f}s", flush=True)
     ratios = [a / b for a, b in zip(times["a"], times["b"])]
     summary = dict(

@@ -316,6 +316,19 @@ def test_packed_data_parallel_step_equals_single_device(documents_corpus):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
+def test_packed_sequence_parallel_step_equals_single_device(documents_corpus):
+    """Segment ids sharded over "seq" like the tokens: the same steps as on one device."""
+    cfg = lm_train.TrainConfig(**{**TINY, "batch_size": 2}, batching="pack", steps=2)
+    data = lm_train.training_data(cfg, documents_corpus)
+    single = lm_train.Trainer(cfg, Mesh(np.array(jax.devices()[:1]), ("data",)))
+    parallel = lm_train.Trainer(dataclasses.replace(cfg, seq_parallel=4))  # data 2 x seq 4
+    assert (np.diff(data.gather(np.arange(2))[2], axis=1) != 0).any()  # ids change in rows
+    for step in range(2):
+        loss_1 = float(single.step(data, step))
+        loss_sp = float(parallel.step(data, step))
+        assert abs(loss_1 - loss_sp) < 1e-5 * abs(loss_1)
+
+
 def test_batching_is_checked():
     with pytest.raises(lm_train.ConfigError, match="--batching must be one of"):
         lm_train.validate_config(lm_train.TrainConfig(**TINY, batching="packed"))

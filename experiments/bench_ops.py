@@ -13,6 +13,9 @@ sees the same machine load.
 
   python experiments/bench_ops.py                      # CPU: b1 h8 d=e=64 f32, 1K..64K
   python experiments/bench_ops.py --max_seq=262144     # longer sequences
+  # forward only at 64K, unsegmented and with segment ids (one run per row; random runs):
+  python experiments/bench_ops.py --impls=xla --min_seq=65536 --fwd_only \
+      --segments=none,one,random --noceiling --out=''
   # GPU, the paper's configuration, with cuDNN flash attention as the softmax anchor:
   python experiments/bench_ops.py --batch=4 --heads=32 --dim=128 --dtype=bfloat16 \
       --impls=triton,xla,cudnn --matmul_size=8192
@@ -57,6 +60,16 @@ flags.DEFINE_integer("matmul_size", 2048, "Square matmul size for the device's F
 flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s for the roofline (default: table/measured).")
 flags.DEFINE_float("peak_gbps", None, "Peak memory GB/s for the roofline (default: table).")
 flags.DEFINE_string("out", "results/bench_ops.json", "JSON output path ('' to skip).")
+flags.DEFINE_bool(
+    "fwd_only", False, "Time the forward only (prints a short table; no markdown or plots)."
+)
+flags.DEFINE_list(
+    "segments",
+    ["none"],
+    "Segment ids to time each impl with: none (segment_ids=None), one (every row one run: "
+    "all zeros), random (runs of random lengths, mean SEGMENT_MEAN_RUN tokens). Rows of the "
+    "segmented runs are labelled impl+seg_<mode>.",
+)
 flags.DEFINE_bool("markdown", False, "Also print the table as markdown.")
 flags.DEFINE_bool("plot", True, "Write PNGs of time and memory against seq beside the JSON.")
 flags.DEFINE_bool(
@@ -134,8 +147,24 @@ def _temp_bytes(fn, args) -> int:
     return int(analysis.temp_size_in_bytes) if analysis is not None else -1
 
 
+SEGMENT_MODES = ("none", "one", "random")
+SEGMENT_MEAN_RUN = 256  # --segments=random: tokens per run on average (short documents)
+
+
+def segment_ids_for(mode: str, batch: int, n: int, seed: int = 0) -> tuple[jax.Array, ...]:
+    """() for mode "none", else (segment_ids int32 `[batch, n]`,) of the mode (SEGMENT_MODES)."""
+    if mode == "none":
+        return ()
+    if mode == "one":
+        return (jnp.zeros((batch, n), jnp.int32),)
+    if mode == "random":  # a new run after each token with probability 1 / SEGMENT_MEAN_RUN
+        starts = jax.random.bernoulli(jax.random.PRNGKey(seed), 1 / SEGMENT_MEAN_RUN, (batch, n))
+        return (jnp.cumsum(starts, axis=1, dtype=jnp.int32),)
+    raise ValueError(f"segments must be among {SEGMENT_MODES}, got {mode!r}")
+
+
 def _make_fns(impl: str, slopes):
-    """Forward (q, k, v) -> o and forward+backward (q, k, v, do) -> (dq, dk, dv)."""
+    """Forward (q, k, v[, segment_ids]) -> o and forward+backward (q, k, v, do[, segment_ids])."""
     if impl == "cudnn":  # softmax anchor: [batch, seq, heads, d] layout, causal
 
         def fwd(q, k, v):
@@ -143,21 +172,35 @@ def _make_fns(impl: str, slopes):
 
     else:
 
-        def fwd(q, k, v):
-            return lj.lightning_attention(q, k, v, slopes, impl=impl)
+        def fwd(q, k, v, *segment_ids):
+            kwargs = dict(segment_ids=segment_ids[0]) if segment_ids else {}
+            return lj.lightning_attention(q, k, v, slopes, impl=impl, **kwargs)
 
-    def fwd_bwd(q, k, v, do):
-        return jax.vjp(fwd, q, k, v)[1](do)
+    def fwd_bwd(q, k, v, do, *segment_ids):
+        return jax.vjp(lambda q, k, v: fwd(q, k, v, *segment_ids), q, k, v)[1](do)
 
     return jax.jit(fwd), jax.jit(fwd_bwd)
 
 
 def run(
-    impls, batch, heads, dim, dtype, seqs, reference_max_seq, reps, matmul_size, dim_v=None
+    impls,
+    batch,
+    heads,
+    dim,
+    dtype,
+    seqs,
+    reference_max_seq,
+    reps,
+    matmul_size,
+    dim_v=None,
+    kinds=("fwd", "fwd_bwd"),
+    segments=("none",),
 ) -> dict:
     """Measures every (impl, seq); returns the rows and the matmul rate.
 
-    dim is d (q, k), dim_v is e (v, o; None: d).
+    dim is d (q, k), dim_v is e (v, o; None: d). kinds: which of "fwd", "fwd_bwd"
+    to time. segments: SEGMENT_MODES to time each impl with (cudnn: "none" only);
+    a segmented row's impl is labelled impl+seg_<mode>.
     """
     dim_v = dim if dim_v is None else dim_v
     slopes = lj.alibi_slopes(heads)
@@ -173,8 +216,11 @@ def run(
         x = jnp.ones((batch, heads, n, dim_v), dtype)
         jax.block_until_ready(fresh_output(x))
         jobs.append(("fresh-output", n, "fwd", fresh_output, (x,)))
-    for impl in impls:
+    for impl, mode in [(i, m) for i in impls for m in segments]:
+        if impl == "cudnn" and mode != "none":
+            continue
         fwd, fwd_bwd = _make_fns(impl, slopes)
+        label = impl if mode == "none" else f"{impl}+seg_{mode}"
         for n in seqs:
             if impl == "reference" and n > reference_max_seq:
                 continue
@@ -188,12 +234,15 @@ def run(
                     jax.random.split(jax.random.PRNGKey(n), 4), (dim, dim) + (dim_v,) * 2
                 )
             )
-            row = dict(impl=impl, seq=n)
+            seg = segment_ids_for(mode, batch, n)
+            row = dict(impl=label, seq=n)
             for kind, fn, args in (("fwd", fwd, (q, k, v)), ("fwd_bwd", fwd_bwd, (q, k, v, do))):
-                row[f"{kind}_temp_bytes"] = _temp_bytes(fn, args)
-                jax.block_until_ready(fn(*args))  # compile
-                jobs.append((impl, n, kind, fn, args))
-            rows[(impl, n)] = row
+                if kind not in kinds:
+                    continue
+                row[f"{kind}_temp_bytes"] = _temp_bytes(fn, args + seg)
+                jax.block_until_ready(fn(*args, *seg))  # compile
+                jobs.append((label, n, kind, fn, args + seg))
+            rows[(label, n)] = row
     jax.block_until_ready(matmul(a))
     times = {(impl, n, kind): [] for impl, n, kind, _, _ in jobs}
     matmul_rates = []
@@ -226,7 +275,7 @@ def run(
         else:
             flops = useful_flops(n, batch, heads, dim, dim_v)
         row["fwd_flops"], row["fwd_bwd_flops"] = flops, 3 * flops
-        for kind in ("fwd", "fwd_bwd"):
+        for kind in kinds:
             row[f"{kind}_bytes"] = moved_bytes(n, batch, heads, dim, dim_v, itemsize, kind)
             row[f"{kind}_gflops"] = row[f"{kind}_flops"] / row[f"{kind}_s"] / 1e9
             row[f"{kind}_gbps"] = row[f"{kind}_bytes"] / row[f"{kind}_s"] / 1e9
@@ -315,6 +364,8 @@ def add_roofline(result: dict, peak_tflops: float | None, peak_gbps: float | Non
     result["peak_tflops"], result["peak_gbps"] = peak_tflops, peak_gbps
     for row in result["rows"]:
         for kind in ("fwd", "fwd_bwd"):
+            if f"{kind}_s" not in row:  # not timed (--fwd_only)
+                continue
             bounds = []
             if peak_tflops:
                 bounds.append(row[f"{kind}_flops"] / (peak_tflops * 1e12))
@@ -472,6 +523,9 @@ def _peaks(matmul_gflops: float) -> tuple[float | None, float | None]:
 
 def main(argv):
     del argv
+    bad = [m for m in FLAGS.segments if m not in SEGMENT_MODES]
+    if bad or not FLAGS.segments:
+        raise app.UsageError(f"--segments takes modes from {SEGMENT_MODES}, got {FLAGS.segments}")
     seqs = []
     n = FLAGS.min_seq
     while n <= FLAGS.max_seq:
@@ -490,6 +544,8 @@ def main(argv):
         FLAGS.reps,
         FLAGS.matmul_size,
         FLAGS.dim_v,
+        kinds=("fwd",) if FLAGS.fwd_only else ("fwd", "fwd_bwd"),
+        segments=FLAGS.segments,
     )
     if FLAGS.ceiling and "xla" in impls:
         result["xla_chunk_matmuls"] = chunk_matmuls(
@@ -518,16 +574,27 @@ def main(argv):
         python=sys.version.split()[0],
         date=time.strftime("%Y-%m-%d"),
         command="python " + " ".join(sys.argv),
+        lightning_jax=os.path.dirname(lj.__file__),
+        segments=FLAGS.segments,
+        fwd_only=FLAGS.fwd_only,
     )
-    print("\n".join(report(result)))
-    if FLAGS.markdown:
+    if FLAGS.fwd_only:
+        print(f"{'impl':>16} {'seq':>7} {'fwd s':>9} {'fwd us/tok':>11} {'fwd GF/s':>9}")
+        for r in result["rows"]:
+            print(
+                f"{r['impl']:>16} {r['seq']:>7} {r['fwd_s']:>9.4f} {r['fwd_us_per_token']:>11.3f} "
+                f"{r['fwd_gflops']:>9.1f}"
+            )
+    else:
+        print("\n".join(report(result)))
+    if FLAGS.markdown and not FLAGS.fwd_only:
         print(markdown(result))
     if FLAGS.out:
         os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
         with open(FLAGS.out, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {FLAGS.out}")
-        if FLAGS.plot:
+        if FLAGS.plot and not FLAGS.fwd_only:
             print("wrote " + ", ".join(plot(result, os.path.splitext(FLAGS.out)[0])))
 
 

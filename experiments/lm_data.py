@@ -22,12 +22,18 @@ DEFAULT_SUFFIXES = (".py",)
 
 
 class Corpus(NamedTuple):
-    """uint8 byte streams of the train and held-out files, and where they came from."""
+    """uint8 byte streams of the train and held-out files, and where they came from.
+
+    `train_docs` `[n, 2]` int64: (start, stop) of each train document (file) in
+    `train`, whose files are joined by one b"\\n" each; None for a corpus built
+    by hand, which then counts as one document.
+    """
 
     train: np.ndarray
     held_out: np.ndarray
     source: str
     num_files: int
+    train_docs: np.ndarray | None = None
 
 
 def stdlib_dir() -> Path:
@@ -123,7 +129,10 @@ def _make_corpus(train: list[bytes], held: list[bytes], source: str, num_files: 
             f"corpus {source!r} is too small to split: {train_arr.size} train and "
             f"{held_arr.size} held-out bytes"
         )
-    return Corpus(train_arr, held_arr, source, num_files)
+    lengths = np.array([len(doc) for doc in train], np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]).astype(np.int64)  # +1: b"\n"
+    docs = np.stack([starts, starts + lengths], axis=1)
+    return Corpus(train_arr, held_arr, source, num_files, docs)
 
 
 def sample_batch(data: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int):
@@ -189,3 +198,117 @@ def eval_batches(data: np.ndarray, batch_size: int, seq_len: int, max_batches: i
         chunk = data[b * per_batch : (b + 1) * per_batch].astype(np.int32)
         windows = chunk.reshape(batch_size, seq_len + 1)
         yield windows[:, :-1], windows[:, 1:]
+
+
+BATCHINGS = ("stream", "pack", "pad")
+
+
+class DocumentRows:
+    """Training rows of `seq_len` (input, target) byte pairs cut from whole documents.
+
+    A document of L bytes gives L - 1 pairs (byte i predicts byte i + 1); a
+    1-byte document gives none and is dropped. No pair crosses a document
+    boundary. Two layouts of the same pairs:
+
+    * packed (`pack=True`): every document's pairs, in corpus order, laid end
+      to end and cut into rows of seq_len. A document continues in the next row
+      where a row ends inside it (there as a new context: the state starts at
+      zero in every row). Segment ids: document index + 1, so the id changes
+      exactly at every document boundary; only the last row has a padding tail
+      (id 0).
+    * one document per row (`pack=False`): each document cut into row-sized
+      pieces, each piece a row of its own, padded to seq_len (id 1 real, 0 pad).
+
+    Pad positions have input 0, target 0 and weight 0. Which rows a step gets
+    is a pure function of (seed, step): epochs of a seeded permutation of the
+    rows, so a resumed run sees the same batches.
+    """
+
+    def __init__(self, data: np.ndarray, docs: np.ndarray | None, seq_len: int, *, pack: bool):
+        """data: uint8 `[N]`; docs: int `[n, 2]` (start, stop) in data, None: one document.
+
+        Raises:
+          ValueError: seq_len < 1, a span outside data, or no document of 2+ bytes.
+        """
+        if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+            raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+        docs = np.array([[0, data.size]] if docs is None else docs, np.int64).reshape(-1, 2)
+        if docs.size and (
+            docs.min() < 0 or docs.max() > data.size or (docs[:, 1] < docs[:, 0]).any()
+        ):
+            raise ValueError(f"docs must be (start, stop) spans within the {data.size} bytes")
+        pairs = docs[:, 1] - docs[:, 0] - 1
+        keep = pairs > 0
+        if not keep.any():
+            raise ValueError("no document has 2 or more bytes: there is nothing to predict")
+        self.data, self.seq_len, self.pack = data, int(seq_len), pack
+        self.doc_starts, self.doc_pairs = docs[keep, 0], pairs[keep]
+        self.num_docs = int(keep.sum())
+        self.num_pairs = int(self.doc_pairs.sum())
+        if pack:
+            self.pair_offsets = np.concatenate([[0], np.cumsum(self.doc_pairs)])
+            self.num_rows = -(-self.num_pairs // self.seq_len)
+        else:  # row r: piece of document piece_doc[r], pairs piece_start[r] : + piece_len[r]
+            pieces = -(-self.doc_pairs // self.seq_len)
+            self.piece_doc = np.repeat(np.arange(self.num_docs), pieces)
+            first = np.concatenate([[0], np.cumsum(pieces)[:-1]])
+            self.piece_start = (np.arange(pieces.sum()) - np.repeat(first, pieces)) * self.seq_len
+            self.piece_len = np.minimum(
+                self.seq_len, self.doc_pairs[self.piece_doc] - self.piece_start
+            )
+            self.num_rows = int(pieces.sum())
+
+    @property
+    def pad_fraction(self) -> float:
+        """Share of pad positions over all rows."""
+        return 1.0 - self.num_pairs / (self.num_rows * self.seq_len)
+
+    def row_indices(self, batch_size: int, seed: int, step: int) -> np.ndarray:
+        """int `[batch_size]` rows of the step: consecutive places in epochs of permutations."""
+        places = step * batch_size + np.arange(batch_size, dtype=np.int64)
+        epochs, within = np.divmod(places, self.num_rows)
+        rows = np.empty(batch_size, np.int64)
+        for epoch in np.unique(epochs):
+            order = np.random.default_rng([seed, int(epoch), 1]).permutation(self.num_rows)
+            rows[epochs == epoch] = order[within[epochs == epoch]]
+        return rows
+
+    def real_tokens(self, rows: np.ndarray) -> np.ndarray:
+        """int `[len(rows)]`: the real (non-pad) positions of each row."""
+        if self.pack:
+            return np.clip(self.num_pairs - np.asarray(rows) * self.seq_len, 0, self.seq_len)
+        return self.piece_len[rows]
+
+    def gather(self, rows: np.ndarray, tokens: slice = slice(None)):
+        """The given rows, positions `tokens`: (inputs, targets, segment_ids, weights).
+
+        Returns int32 inputs, targets, segment_ids and float32 weights (1 real, 0
+        pad), each `[len(rows), positions]`.
+        """
+        start, stop, _ = tokens.indices(self.seq_len)
+        rows = np.asarray(rows, np.int64)[:, None]
+        t = np.arange(start, stop, dtype=np.int64)[None, :]
+        if self.pack:
+            place = rows * self.seq_len + t
+            real = place < self.num_pairs
+            doc = np.searchsorted(self.pair_offsets, np.minimum(place, self.num_pairs - 1), "right")
+            doc -= 1
+            local = place - self.pair_offsets[doc]
+            ids = np.where(real, doc + 1, 0)
+        else:
+            doc = self.piece_doc[rows] + 0 * t
+            local = self.piece_start[rows] + t
+            real = t < self.piece_len[rows]
+            ids = real.astype(np.int64)
+        source = self.doc_starts[doc] + np.where(real, local, 0)
+        inputs = np.where(real, self.data[source], 0).astype(np.int32)
+        targets = np.where(real, self.data[source + 1], 0).astype(np.int32)
+        return inputs, targets, ids.astype(np.int32), real.astype(np.float32)
+
+    def batch_shard(self, batch_size: int, seed: int, step: int, rows: slice, tokens: slice):
+        """One process's block [rows, tokens] of the step's global `[batch_size, seq_len]` batch.
+
+        A function of (seed, step, rows, tokens) only, as `sample_batch_shard`.
+        Returns (inputs, targets, segment_ids, weights) as `gather`.
+        """
+        return self.gather(self.row_indices(batch_size, seed, step)[rows], tokens)

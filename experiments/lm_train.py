@@ -11,8 +11,14 @@ terminal and to `metrics.jsonl`, evaluates held-out loss and bits per byte,
 saves and resumes orbax checkpoints, and plots the loss curves.
 
 Batches are a pure function of (seed, step), so a resumed run reproduces an
-uninterrupted one exactly. The command-line front end is `train_lm.py`; its
-flags are the `TrainConfig` fields of the same names, so the errors of
+uninterrupted one exactly. `batching` picks how rows are cut from the corpus:
+"stream" (the default) samples random windows of the joined files; "pack" lays
+whole documents (files) end to end in rows with segment ids, so no token sees
+another document (`lm_data.DocumentRows`); "pad" puts (a row-sized piece of) one
+document in each row, padded. In "pack" and "pad" the loss is the mean over real
+tokens only (pad positions weigh 0) and tokens/s counts real tokens; the held-out
+loss is the same stream-window evaluation in every mode. The command-line front
+end is `train_lm.py`; its flags are the `TrainConfig` fields of the same names, so the errors of
 `validate_config` and `check_workdir` name the flag (`--steps`, `--resume`).
 
 A run directory is never mixed: `train` refuses a workdir that already holds a
@@ -31,6 +37,7 @@ process 0 alone prints, writes metrics.jsonl and config.json, and plots.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -70,6 +77,7 @@ class TrainConfig:
     dtype: str = "float32"  # compute dtype; parameters stay float32
     impl: str = "auto"
     seq_parallel: int = 1  # devices per sequence (the "seq" mesh axis); lightning mixer only
+    batching: str = "stream"  # "stream", "pack" or "pad": see lm_data.BATCHINGS and the top
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
@@ -195,6 +203,8 @@ def validate_config(cfg: TrainConfig, num_devices: int | None = None) -> None:
         raise ConfigError(f"--dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.mixer not in MIXERS:
         raise ConfigError(f"--mixer must be one of {MIXERS}, got {cfg.mixer!r}")
+    if cfg.batching not in lm_data.BATCHINGS:
+        raise ConfigError(f"--batching must be one of {lm_data.BATCHINGS}, got {cfg.batching!r}")
     if cfg.mixer == "hybrid" and (not _is_int(cfg.softmax_every) or cfg.softmax_every < 1):
         raise ConfigError(f"--softmax_every must be a positive integer, got {cfg.softmax_every!r}")
     if cfg.mixer in ("lightning", "hybrid"):
@@ -245,6 +255,20 @@ def validate_corpus(cfg: TrainConfig, corpus: lm_data.Corpus) -> None:
             f"{eval_bytes} held-out bytes; the held-out part of --data ({corpus.source}) "
             f"has {corpus.held_out.size}"
         )
+    if cfg.batching != "stream":
+        try:
+            training_data(cfg, corpus)
+        except ValueError as err:
+            raise ConfigError(f"--batching={cfg.batching}: {err}") from None
+
+
+def training_data(cfg: TrainConfig, corpus: lm_data.Corpus) -> np.ndarray | lm_data.DocumentRows:
+    """What `Trainer.step` draws batches from: the train bytes ("stream") or document rows."""
+    if cfg.batching == "stream":
+        return corpus.train
+    return lm_data.DocumentRows(
+        corpus.train, corpus.train_docs, cfg.seq_len, pack=cfg.batching == "pack"
+    )
 
 
 def run_files(workdir: str | os.PathLike) -> list[str]:
@@ -454,6 +478,11 @@ class Trainer:
         self.train_step = jax.jit(
             self._train_step, donate_argnums=0, out_shardings=(replicated, replicated)
         )
+        self.masked_train_step = jax.jit(
+            functools.partial(self._train_step, loss_fn=self._masked_loss),
+            donate_argnums=0,
+            out_shardings=(replicated, replicated),
+        )
         self.eval_step = jax.jit(self._loss)
 
     def _loss(self, params, inputs, targets):
@@ -461,8 +490,20 @@ class Trainer:
         logits = model(inputs).astype(jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
-    def _train_step(self, state, inputs, targets):
-        loss, grads = jax.value_and_grad(self._loss)(state["params"], inputs, targets)
+    def token_losses(self, params, inputs, targets, segment_ids=None):
+        """Per-token cross entropy `[B, T]` of int inputs, targets (and segment_ids) `[B, T]`."""
+        model = nnx.merge(self.graphdef, params, self.constants)
+        logits = model(inputs, segment_ids=segment_ids).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+    def _masked_loss(self, params, inputs, targets, segment_ids, weights):
+        """Mean cross entropy over the positions of weight 1 (the real tokens) of `[B, T]`."""
+        losses = self.token_losses(params, inputs, targets, segment_ids)
+        return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+    def _train_step(self, state, *batch, loss_fn=None):
+        loss_fn = loss_fn or self._loss
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], *batch)
         updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         return dict(params=params, opt_state=opt_state), loss
@@ -473,8 +514,24 @@ class Trainer:
             self.batch_sharding, local, (self.cfg.batch_size, self.cfg.seq_len)
         )
 
-    def batch(self, data: np.ndarray, step: int):
-        """Global (inputs, targets) [B, T] of the step; this process loads only its block."""
+    def batch(self, data: np.ndarray | lm_data.DocumentRows, step: int):
+        """Global (inputs, targets) [B, T] of the step; this process loads only its block.
+
+        data: the train bytes (stream windows) or `lm_data.DocumentRows`; from the
+        latter (inputs, targets, segment_ids, weights), segment_ids None for
+        one-document-per-row padding (the pads trail the document: causality alone
+        keeps them out of its outputs, as for a user without segment ids).
+        """
+        if isinstance(data, lm_data.DocumentRows):
+            inputs, targets, segment_ids, weights = data.batch_shard(
+                self.cfg.batch_size, self.cfg.seed, step, self.local_rows, self.local_tokens
+            )
+            return (
+                self._global(inputs),
+                self._global(targets),
+                self._global(segment_ids) if data.pack else None,
+                self._global(weights),
+            )
         inputs, targets = lm_data.sample_batch_shard(
             data,
             self.cfg.batch_size,
@@ -486,8 +543,10 @@ class Trainer:
         )
         return self._global(inputs), self._global(targets)
 
-    def step(self, data: np.ndarray, step: int) -> float:
-        self.state, loss = self.train_step(self.state, *self.batch(data, step))
+    def step(self, data: np.ndarray | lm_data.DocumentRows, step: int) -> float:
+        batch = self.batch(data, step)
+        train_step = self.train_step if len(batch) == 2 else self.masked_train_step
+        self.state, loss = train_step(self.state, *batch)
         return loss
 
     def evaluate(self, held_out: np.ndarray) -> float:
@@ -590,8 +649,9 @@ def train(cfg: TrainConfig, corpus: lm_data.Corpus | None = None, verbose: bool 
     if lead:
         with open(Path(cfg.workdir) / "config.json", "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
+    data = training_data(cfg, corpus)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
     if verbose and jax.process_count() > 1:  # every process: which block it loads
         rows, tokens = trainer.local_rows, trainer.local_tokens
         print(
@@ -609,21 +669,31 @@ def train(cfg: TrainConfig, corpus: lm_data.Corpus | None = None, verbose: bool 
             f"mesh {dict(trainer.mesh.shape)}; steps {start}..{cfg.steps}",
             flush=True,
         )
+        if cfg.batching != "stream":
+            print(
+                f"[{cfg.mixer}] --batching={cfg.batching}: {data.num_docs} documents, "
+                f"{data.num_pairs:,} predicted bytes in {data.num_rows:,} rows of "
+                f"{cfg.seq_len}, {data.pad_fraction:.2%} padding",
+                flush=True,
+            )
     for step in range(start, cfg.steps):
-        loss = trainer.step(corpus.train, step)
+        loss = trainer.step(data, step)
         done = step + 1
         if step == start:  # the first step compiles: keep it out of tokens/s
             jax.block_until_ready(loss)
             window_start = time.perf_counter()
         else:
             window_steps += 1
+            window_tokens += real_tokens(cfg, data, step)
         record = None
         if done % cfg.log_every == 0 or done == cfg.steps:
             loss = float(loss)  # waits for the step
             elapsed = time.perf_counter() - window_start
-            tps = window_steps * tokens_per_step / elapsed if window_steps else None
+            tps = window_tokens / elapsed if window_steps else None  # real tokens only
             record = dict(step=done, train_loss=loss, tokens_per_sec=tps)
-            window_start, window_steps = time.perf_counter(), 0
+            if cfg.batching != "stream" and window_steps:
+                record["pad_fraction"] = 1.0 - window_tokens / (window_steps * tokens_per_step)
+            window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
         if done % cfg.eval_every == 0 or done == cfg.steps:
             eval_loss = trainer.evaluate(corpus.held_out)
             record = record or dict(step=done, train_loss=float(loss), tokens_per_sec=None)
@@ -633,7 +703,7 @@ def train(cfg: TrainConfig, corpus: lm_data.Corpus | None = None, verbose: bool 
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if verbose:
-                print(_progress_line(cfg, record, done, tokens_per_step), flush=True)
+                print(_progress_line(cfg, record, done), flush=True)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             _save(manager, done, trainer.state)
     manager.close()
@@ -643,11 +713,19 @@ def train(cfg: TrainConfig, corpus: lm_data.Corpus | None = None, verbose: bool 
     return dict(config=dataclasses.asdict(cfg), records=all_records, state=trainer.state)
 
 
-def _progress_line(cfg: TrainConfig, record: dict, done: int, tokens_per_step: int) -> str:
+def real_tokens(cfg: TrainConfig, data: np.ndarray | lm_data.DocumentRows, step: int) -> int:
+    """The real (non-pad) tokens of the step's global batch; every one in stream mode."""
+    if isinstance(data, lm_data.DocumentRows):
+        return int(data.real_tokens(data.row_indices(cfg.batch_size, cfg.seed, step)).sum())
+    return cfg.batch_size * cfg.seq_len
+
+
+def _progress_line(cfg: TrainConfig, record: dict, done: int) -> str:
     tps = record["tokens_per_sec"]
-    speed = (
-        f"{tps:,.0f} tok/s ETA {(cfg.steps - done) * tokens_per_step / tps:,.0f}s" if tps else ""
-    )
+    # tps counts real tokens: the ETA divides the real tokens still to come by it.
+    real = 1.0 - record.get("pad_fraction", 0.0)
+    per_step = cfg.batch_size * cfg.seq_len * real
+    speed = f"{tps:,.0f} tok/s ETA {(cfg.steps - done) * per_step / tps:,.0f}s" if tps else ""
     extra = (
         f" | eval loss {record['eval_loss']:.4f}, {record['eval_bpb']:.3f} bpb"
         if "eval_loss" in record

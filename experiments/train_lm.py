@@ -11,6 +11,8 @@ git-ignored): metrics.jsonl, config.json, orbax checkpoints, loss.png.
   python experiments/train_lm.py --overwrite              # delete the demo run, start over
   python experiments/train_lm.py --compare=lightning,softmax,hybrid   # same data and budget
   python experiments/train_lm.py --mixer=hybrid --softmax_every=4 --num_layers=8   # 2 softmax
+  python experiments/train_lm.py --pack      # whole files packed in rows, with segment ids
+  python experiments/train_lm.py --batching=pad   # one file (piece) per row, padded
 
 A workdir that already holds a run is refused unless --resume (continue it; the
 saved config.json must match the flags except steps, log_every, eval_every,
@@ -78,6 +80,14 @@ flags.DEFINE_string("impl", None, "Lightning op implementation (auto, xla, trito
 flags.DEFINE_integer(
     "seq_parallel", None, "Devices per sequence (mesh: data = devices / S, seq = S); lightning."
 )
+flags.DEFINE_enum(
+    "batching",
+    None,
+    list(lm_data.BATCHINGS),
+    "Rows of a batch: stream = random windows of the joined files (default); pack = whole "
+    "documents (files) end to end with segment ids; pad = one document (piece) per row, padded.",
+)
+flags.DEFINE_bool("pack", False, "Short for --batching=pack.")
 flags.DEFINE_integer("seed", None, "Seed of the init and of the batches.")
 flags.DEFINE_integer("log_every", None, "Steps between log lines.")
 flags.DEFINE_integer("eval_every", None, "Steps between held-out evaluations.")
@@ -109,8 +119,8 @@ flags.DEFINE_integer(
 COMPARE_FILES = ("compare.png", "compare.json")
 _OVERRIDES = (
     "mixer steps seq_len batch_size num_layers embed_dim num_heads learning_rate warmup_steps "
-    "softmax_every dtype impl seq_parallel seed log_every eval_every checkpoint_every data "
-    "max_corpus_bytes workdir"
+    "softmax_every dtype impl seq_parallel batching seed log_every eval_every checkpoint_every "
+    "data max_corpus_bytes workdir"
 ).split()
 
 
@@ -167,6 +177,12 @@ def init_distributed() -> None:
 def config_from_flags() -> lm_train.TrainConfig:
     overrides = {name: getattr(FLAGS, name) for name in _OVERRIDES}
     overrides.update(resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+    if FLAGS.pack:
+        if FLAGS.batching not in (None, "pack"):
+            raise lm_train.ConfigError(
+                f"--pack means --batching=pack, which contradicts --batching={FLAGS.batching}"
+            )
+        overrides["batching"] = "pack"
     if overrides["workdir"] is None:
         overrides["workdir"] = lm_train.default_workdir(FLAGS.preset, bool(FLAGS.compare))
     return lm_train.config_from_preset(FLAGS.preset, **overrides)

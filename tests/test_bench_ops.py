@@ -32,6 +32,28 @@ def test_bench_ops_pieces(tmp_path):
     assert "| xla | 256 |" in bench_ops.markdown(result)
 
 
+def test_bench_ops_forward_only_with_segment_ids():
+    """--fwd_only --segments=none,one,random: one forward row per (impl, segment mode)."""
+    result = bench_ops.run(
+        ["xla"], 1, 2, 16, jnp.float32, [256], 128, 1, 64,
+        kinds=("fwd",), segments=("none", "one", "random"),
+    )  # fmt: skip
+    bench_ops.add_roofline(result, 0.1, None)
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert set(rows) == {"xla", "xla+seg_one", "xla+seg_random"}
+    for r in rows.values():
+        assert r["fwd_s"] > 0 and "fwd_bwd_s" not in r and r["fwd_roofline"] > 0
+    assert bench_ops.segment_ids_for("none", 2, 256) == ()
+    (one,) = bench_ops.segment_ids_for("one", 2, 256)
+    assert one.shape == (2, 256) and int(one.max()) == 0
+    (runs,) = bench_ops.segment_ids_for("random", 2, 4096)
+    changes = int((jnp.diff(runs, axis=1) != 0).sum())
+    expected = 2 * 4096 / bench_ops.SEGMENT_MEAN_RUN  # run starts in the 2 rows
+    assert expected / 2 < changes < 2 * expected
+    with pytest.raises(ValueError, match="segments must be among"):
+        bench_ops.segment_ids_for("many", 2, 256)
+
+
 def _forward_dot_operand_shapes(
     heads: int, seq: int, dim: int, block: int, chunk: int, dim_v: int | None = None
 ):

@@ -79,6 +79,8 @@ def text_file(tmp_path) -> Path:
         (["--seq_parallel=16"], "--seq_parallel"),  # 8 devices
         (["--steps=abc"], "--steps"),
         (["--resume", "--overwrite"], "--overwrite"),
+        (["--batching=packed"], "--batching"),
+        (["--pack", "--batching=pad"], "--pack"),
     ],
 )
 def test_flag_mistake_is_one_line_and_status_2(tmp_path, args, flag):
@@ -128,6 +130,26 @@ def test_rerun_refused_resume_checked_overwrite_clears(tmp_path, text_file):
     steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").open()]
     assert steps == [1, 2]
     assert json.loads((workdir / "config.json").read_text())["steps"] == 2
+
+
+def test_pack_trains_end_to_end(tmp_path):
+    """--pack on a folder of short files (documents); a resume may not change the batching."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(200):  # 6 of them held out (by the hash of the name): 322 bytes
+        (docs / f"doc{i:03d}.txt").write_bytes(b"the lazy dog. " * (1 + i % 7))
+    workdir = tmp_path / "w"
+    base = [*TINY_FLAGS, f"--data={docs}", f"--workdir={workdir}"]
+    result = run_cli(*base, "--pack", "--steps=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--batching=pack: 194 documents" in result.stdout
+    assert json.loads((workdir / "config.json").read_text())["batching"] == "pack"
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == [1, 2] and "pad_fraction" in records[1]
+    line = assert_usage_error(
+        run_cli(*base, "--batching=pad", "--steps=4", "--resume", cwd=tmp_path), "--resume"
+    )
+    assert "batching 'pack' -> 'pad'" in line, line
 
 
 def test_help_lists_every_preset(tmp_path):

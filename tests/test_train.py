@@ -201,3 +201,139 @@ def test_tgs_bench_on_tiny_sizes(tmp_path):
         bench_tgs.measure_tgs(
             "lightning", [48], 256, num_layers=1, embed_dim=32, num_heads=2, reps=1
         )
+
+
+def _packed_batch(batch_size: int, seq_len: int, pack: bool = True):
+    """A [batch_size, seq_len] batch of document rows: short documents and ones past a row."""
+    rng = np.random.default_rng(0)
+    lengths = [7, 2, 40, 1, 13, 33, 5, 70, 3, 9, 21, 50]
+    documents = [rng.integers(32, 127, n, dtype=np.uint8).tobytes() for n in lengths]
+    data = np.frombuffer(b"\n".join(documents), np.uint8)
+    starts = np.cumsum([0] + [n + 1 for n in lengths[:-1]])
+    rows = lm_data.DocumentRows(
+        data, np.stack([starts, starts + lengths], axis=1), seq_len, pack=pack
+    )
+    assert rows.num_rows >= batch_size
+    return rows.gather(np.arange(batch_size))
+
+
+@pytest.mark.parametrize("mixer", ["lightning", "softmax"])
+def test_packed_rows_equal_each_document_alone(mixer):
+    """Per-token losses and the gradient of a packed batch == each document run by itself."""
+    cfg = lm_train.TrainConfig(**TINY, mixer=mixer, batching="pack")
+    trainer = lm_train.Trainer(cfg, Mesh(np.array(jax.devices()[:1]), ("data",)))
+    params = trainer.state["params"]
+    inputs, targets, ids, weights = _packed_batch(4, cfg.seq_len)
+    assert (np.diff(ids, axis=1) != 0).sum() >= 4  # several documents share a row
+    packed = np.asarray(trainer.token_losses(params, inputs, targets, ids))
+    # The reference: every run of one document (within a row) alone at the start of a row
+    # of its own, without segment ids (the zeros after it are later, so causality alone
+    # keeps them out of its outputs): one batch, one compile.
+    runs = []
+    for row in range(ids.shape[0]):
+        cuts = np.flatnonzero(np.diff(ids[row])) + 1
+        for start, stop in zip([0, *cuts], [*cuts, ids.shape[1]]):
+            if ids[row, start] != 0:  # not the padding tail
+                runs.append((row, start, stop))
+    alone_inputs, alone_targets, alone_weights = (
+        np.zeros((len(runs), cfg.seq_len), a.dtype) for a in (inputs, targets, weights)
+    )
+    for i, (row, start, stop) in enumerate(runs):
+        alone_inputs[i, : stop - start] = inputs[row, start:stop]
+        alone_targets[i, : stop - start] = targets[row, start:stop]
+        alone_weights[i, : stop - start] = 1
+    alone = np.asarray(trainer.token_losses(params, alone_inputs, alone_targets))
+    np.testing.assert_allclose(
+        packed[weights == 1], alone[alone_weights == 1], rtol=1e-5, atol=1e-5
+    )
+    # The training loss's gradient: the mean over the same real tokens, either way.
+    masked = jax.grad(trainer._masked_loss)(params, inputs, targets, ids, weights)
+    separate = jax.grad(trainer._masked_loss)(
+        params, alone_inputs, alone_targets, None, alone_weights
+    )
+    for a, b in zip(jax.tree.leaves(masked), jax.tree.leaves(separate), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_pad_tokens_weigh_nothing():
+    """One-document-per-row rows: whatever the pad positions hold, the loss is unchanged."""
+    cfg = lm_train.TrainConfig(**TINY, batching="pad")
+    trainer = lm_train.Trainer(cfg, Mesh(np.array(jax.devices()[:1]), ("data",)))
+    params = trainer.state["params"]
+    inputs, targets, _, weights = _packed_batch(8, cfg.seq_len, pack=False)
+    assert 0 < weights.sum() < weights.size
+    loss = float(trainer._masked_loss(params, inputs, targets, None, weights))
+    losses = np.asarray(trainer.token_losses(params, inputs, targets))
+    assert loss == pytest.approx(losses[weights == 1].mean(), rel=1e-6)
+    noise = np.random.default_rng(1).integers(0, 256, inputs.shape)
+    pad = weights == 0
+    other = float(
+        trainer._masked_loss(
+            params, np.where(pad, noise, inputs), np.where(pad, noise, targets), None, weights
+        )
+    )
+    assert other == pytest.approx(loss, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def documents_corpus(tmp_path_factory):
+    """A folder of short files of varied lengths: documents for --batching=pack/pad."""
+    root = tmp_path_factory.mktemp("documents")
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        words = rng.choice(["the", "quick", "brown", "fox", "jumps", "lazy", "dog"], 2 + i % 5)
+        (root / f"doc{i:02d}.txt").write_text(" ".join(words) + ".")
+    return lm_data.load_corpus(root, held_out_fraction=0.3)
+
+
+@pytest.mark.parametrize("batching", ["pack", "pad"])
+def test_document_batching_trains_and_resumes(tmp_path, documents_corpus, batching):
+    cfg = lm_train.TrainConfig(**TINY, batching=batching, steps=6, workdir=str(tmp_path / "a"))
+    full = lm_train.train(cfg, documents_corpus, verbose=False)
+    records = full["records"]
+    assert all(0 <= r["pad_fraction"] < 1 for r in records if r["tokens_per_sec"])
+    if batching == "pad":  # short documents: most of a padded row is padding
+        assert all(r["pad_fraction"] > 0.3 for r in records if r["tokens_per_sec"])
+    first = dataclasses.replace(cfg, steps=3, workdir=str(tmp_path / "b"))
+    lm_train.train(first, documents_corpus, verbose=False)
+    resumed = lm_train.train(
+        dataclasses.replace(first, steps=6, resume=True), documents_corpus, verbose=False
+    )
+    for a, b in zip(_params(full["state"]), _params(resumed["state"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_packed_data_parallel_step_equals_single_device(documents_corpus):
+    cfg = lm_train.TrainConfig(**TINY, batching="pack", steps=2)
+    data = lm_train.training_data(cfg, documents_corpus)
+    single = lm_train.Trainer(cfg, Mesh(np.array(jax.devices()[:1]), ("data",)))
+    multi = lm_train.Trainer(cfg, Mesh(np.array(jax.devices()[:4]), ("data",)))
+    for step in range(2):
+        loss_1 = float(single.step(data, step))
+        loss_4 = float(multi.step(data, step))
+        assert abs(loss_1 - loss_4) < 1e-5 * abs(loss_1)
+    for a, b in zip(_params(single.state), _params(multi.state), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_packed_sequence_parallel_step_equals_single_device(documents_corpus):
+    """Segment ids sharded over "seq" like the tokens: the same steps as on one device."""
+    cfg = lm_train.TrainConfig(**{**TINY, "batch_size": 2}, batching="pack", steps=2)
+    data = lm_train.training_data(cfg, documents_corpus)
+    single = lm_train.Trainer(cfg, Mesh(np.array(jax.devices()[:1]), ("data",)))
+    parallel = lm_train.Trainer(dataclasses.replace(cfg, seq_parallel=4))  # data 2 x seq 4
+    assert (np.diff(data.gather(np.arange(2))[2], axis=1) != 0).any()  # ids change in rows
+    for step in range(2):
+        loss_1 = float(single.step(data, step))
+        loss_sp = float(parallel.step(data, step))
+        assert abs(loss_1 - loss_sp) < 1e-5 * abs(loss_1)
+
+
+def test_batching_is_checked():
+    with pytest.raises(lm_train.ConfigError, match="--batching must be one of"):
+        lm_train.validate_config(lm_train.TrainConfig(**TINY, batching="packed"))
+    data = np.frombuffer(b"a\nb\nc\nd", np.uint8)
+    one_byte_files = lm_data.Corpus(data, data, "x", 4, np.array([[0, 1], [2, 3], [4, 5]]))
+    cfg = lm_train.TrainConfig(**{**TINY, "seq_len": 2, "batch_size": 1}, batching="pack")
+    with pytest.raises(lm_train.ConfigError, match="--batching=pack: no document"):
+        lm_train.validate_corpus(cfg, one_byte_files)

@@ -20,7 +20,6 @@ from jax.sharding import Mesh
 from test_models import decoded_logits, forward, greedy_reference, tokens
 
 import lightning_jax as lj
-import lm_data
 import lm_train
 from lightning_jax.models import TransNormerConfig, TransNormerLM, count_params
 from lightning_jax.nn import LightningAttention, SoftmaxAttention
@@ -140,13 +139,6 @@ TINY = dict(
     checkpoint_every=3,
     plot=False,
 )
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 400)
-    return lm_data.load_corpus(path, held_out_fraction=0.1)
 
 
 def test_hybrid_trains_and_resumes_from_its_checkpoint(tmp_path, corpus):

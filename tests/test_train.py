@@ -30,13 +30,6 @@ TINY = dict(
 )
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "text.txt"
-    path.write_bytes(b"the quick brown fox jumps over the lazy dog. " * 400)
-    return lm_data.load_corpus(path, held_out_fraction=0.1)
-
-
 def _params(state):
     return [np.asarray(x) for x in jax.tree.leaves(state["params"])]
 

@@ -122,6 +122,16 @@ def _block_decays(slope, start, block: int, seq_len: int):
 def _forward_kernel(
     slopes_ref, q_ref, k_ref, v_ref, s0_ref, *refs, block, seq_len, precision, segmented
 ):
+    """o and the final state for one e-tile, the state swept forward.
+
+    With segment ids the block step is `segmented_body`: the same math as `body`
+    with `_decays_of`, but the masked scores come before the mask and every cut
+    decay is computed where it is used (the key and state cuts after o is
+    written). Computed first, as in `body`, the cut decays stayed live across
+    the matmuls and the kernel spilled (160 B at d = e = 128 bf16 on H200,
+    experiments/compile_report.py --segments); so ordered, it does not, at the
+    same state tile as the unsegmented kernel. `body` is unchanged.
+    """
     seg_refs, (o_ref, state_ref) = _split_refs(refs, segmented)
     slope = slopes_ref[0]
     in_dtype = q_ref.dtype
@@ -138,7 +148,32 @@ def _forward_kernel(
         k_scaled = (k.astype(jnp.float32) * k_dec[:, None]).astype(in_dtype)
         return state_dec * kv + dot(k_scaled, v, trans_a=True)
 
-    kv = lax.fori_loop(0, q_ref.shape[0] // block, body, s0_ref[...])
+    def segmented_body(c, kv):
+        """body's math, each cut decay computed just before its use (see the docstring)."""
+        rows = pl.ds(c * block, block)
+        counts_ref, before_ref = seg_refs
+        q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
+        scores = dot(q, k, trans_b=True)
+        counts = counts_ref[rows]
+        row = lax.broadcasted_iota(jnp.int32, (block,), 0)
+        # Pairs in different runs get gap -1, which the causal test drops.
+        gap = jnp.where(counts[:, None] == counts[None, :], row[:, None] - row[None, :], -1)
+        mask = jnp.where(gap >= 0, jnp.exp(-slope * jnp.maximum(gap, 0).astype(jnp.float32)), 0.0)
+        o = dot((scores * mask).astype(in_dtype), v)
+        start = jnp.min(before_ref[rows])  # the count before the block
+        q_dec = jnp.where(counts == start, jnp.exp(-slope * (row + 1).astype(jnp.float32)), 0.0)
+        o += q_dec[:, None] * dot(q, kv.astype(in_dtype))
+        o_ref[rows, :] = o.astype(o_ref.dtype)
+        end = jnp.max(counts)  # the count at the block's end
+        length = jnp.clip(seq_len - c * block, 0, block)  # real rows in this block
+        k_dec = jnp.exp(-slope * jnp.maximum(length - 1 - row, 0).astype(jnp.float32))
+        k_dec = jnp.where(counts == end, k_dec, 0.0)
+        state_dec = jnp.where(end == start, jnp.exp(-slope * length.astype(jnp.float32)), 0.0)
+        k_scaled = (k.astype(jnp.float32) * k_dec[:, None]).astype(in_dtype)
+        return state_dec * kv + dot(k_scaled, v, trans_a=True)
+
+    step = segmented_body if segmented else body
+    kv = lax.fori_loop(0, q_ref.shape[0] // block, step, s0_ref[...])
     state_ref[...] = kv
 
 

@@ -338,9 +338,14 @@ def parse_tpu_vmem(hlo: str) -> dict[str, dict]:
     return out
 
 
-def count_layout_ops(hlo: str) -> dict[str, int]:
-    """pad, slice and copy instructions in a compiled program: data moved around the kernels."""
-    return {op: len(re.findall(rf"= \S+ {op}\(", hlo)) for op in ("pad", "slice", "copy")}
+def count_layout_ops(hlo: str, floating_only: bool = False) -> dict[str, int]:
+    """pad, slice and copy instructions in a compiled program: data moved around the kernels.
+
+    floating_only: only those with a floating-point result (q, k, v, o, states and their
+    gradients), not the integer tables that segment ids are turned into.
+    """
+    result = r"(?:bf16|f16|f32|f64)\[\S+" if floating_only else r"\S+"
+    return {op: len(re.findall(rf"= {result} {op}\(", hlo)) for op in ("pad", "slice", "copy")}
 
 
 def gpu_kernels(log: str, dump_dir: str, names: set[str]) -> list[dict]:
@@ -411,6 +416,8 @@ def run_job(job: Job, timeout: float) -> dict:
         result = json.loads(result_line)
         row.update(ok=True, compile_s=result["compile_s"], memory=result["memory"])
         row["layout_ops"] = count_layout_ops(result["hlo"])
+        if job.segmented:  # the boundary-count tables are built with pads and slices
+            row["float_layout_ops"] = count_layout_ops(result["hlo"], floating_only=True)
         names = {"lightning"}
         if job.platform == "gpu":
             row["kernels"] = gpu_kernels(proc.stderr + proc.stdout, dump_dir, names)

@@ -167,6 +167,10 @@ def _wheel_ptxas_dir() -> str | None:
 
 def _worker_env(job: Job, dump_dir: str) -> dict[str, str]:
     env = dict(os.environ)
+    # This checkout's kernels, whatever copy of the package is installed: the worker's
+    # sys.path starts at experiments/, not at the checkout's root.
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     env["JAX_PLATFORMS"] = "cpu"  # the compilers run without their devices
     env["XLA_FLAGS"] = f"--xla_dump_to={dump_dir}"
     if job.platform == "tpu":

@@ -13,6 +13,10 @@ the compiler says about resources:
   (`wgmma` / `mma` counts);
 - TPU: the scoped VMEM the kernel uses (XLA's compiled HLO).
 
+`--segments` compiles every kernel with `segment_ids` (int32 [B, T], an argument
+of the compiled program like q, k, v: the program does not depend on its values)
+instead of without; rows then say `segmented: true`.
+
 Needs the `[aot]` extra (`pip install -e ".[aot]"`). Example:
 
     python experiments/compile_report.py --targets=h200,v5e,v6e --json=/tmp/compile.json
@@ -66,6 +70,9 @@ def define_flags() -> None:
     flags.DEFINE_list("modes", list(MODES), "fwd (forward) and/or fwd_bwd (forward+backward).")
     flags.DEFINE_list("precisions", ["default"], 'float32 matmul precision: "default", "highest".')
     flags.DEFINE_bool("sp", True, f"Also compile the sequence-parallel op on {list(SP_TARGETS)}.")
+    flags.DEFINE_bool(
+        "segments", False, "Compile the op with segment_ids (int32 [B, T]) instead of without."
+    )
     flags.DEFINE_string("json", None, "Write the rows as a JSON list here.")
     flags.DEFINE_bool("markdown", False, "Also print a markdown table (one line per compile).")
     flags.DEFINE_integer("timeout", 600, "Seconds per compile before it counts as failed.")
@@ -75,7 +82,7 @@ def define_flags() -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One compile: a target, a kernel, a mode, a dtype and a shape."""
+    """One compile: a target, a kernel, a mode, a dtype and a shape, with or without segments."""
 
     target: str  # a key of GPU_TARGETS / TPU_TARGETS / SP_TARGETS
     impl: str
@@ -84,6 +91,7 @@ class Job:
     shape: tuple[int, int, int, int, int]  # batch, heads, seq, d, e
     precision: str = "default"
     block_size: int | None = None  # None: the kernel's default
+    segmented: bool = False  # with segment_ids int32 [batch, seq]
 
     @property
     def platform(self) -> str:
@@ -114,8 +122,11 @@ def impls_for(target: str, requested: list[str], available: tuple[str, ...]) -> 
     return [i for i in own if i in available and (not requested or i in requested)]
 
 
-def make_jobs(targets, impls, dtypes, shapes, modes, precisions, sp, available) -> list[Job]:
-    """Every combination the flags ask for (float32 once per precision)."""
+def make_jobs(
+    targets, impls, dtypes, shapes, modes, precisions, sp, available, segmented: bool = False
+) -> list[Job]:
+    """Every combination the flags ask for (float32 once per precision), all with segment
+    ids when `segmented`."""
     jobs = []
     for target in targets:
         if target not in GPU_TARGETS and target not in TPU_TARGETS:
@@ -126,12 +137,17 @@ def make_jobs(targets, impls, dtypes, shapes, modes, precisions, sp, available) 
                     continue
                 for precision in precisions if dtype == "float32" else ["default"]:
                     for shape in shapes:
-                        jobs += [Job(target, impl, m, dtype, shape, precision) for m in modes]
+                        jobs += [
+                            Job(target, impl, m, dtype, shape, precision, segmented=segmented)
+                            for m in modes
+                        ]
     if sp:
         shape = (1, 8, 8192, 128, 128)
         for target in SP_TARGETS:
             for impl in impls_for(target, impls, available):
-                jobs += [Job(target, impl, m, "bfloat16", shape) for m in modes]
+                jobs += [
+                    Job(target, impl, m, "bfloat16", shape, segmented=segmented) for m in modes
+                ]
     return jobs
 
 
@@ -151,6 +167,10 @@ def _wheel_ptxas_dir() -> str | None:
 
 def _worker_env(job: Job, dump_dir: str) -> dict[str, str]:
     env = dict(os.environ)
+    # This checkout's kernels, whatever copy of the package is installed: the worker's
+    # sys.path starts at experiments/, not at the checkout's root.
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     env["JAX_PLATFORMS"] = "cpu"  # the compilers run without their devices
     env["XLA_FLAGS"] = f"--xla_dump_to={dump_dir}"
     if job.platform == "tpu":
@@ -205,22 +225,24 @@ def compile_job(job: Job) -> dict:
     devices = _devices(job) if job.sp else _devices(job)[:1]
     mesh = Mesh(np.array(devices), ("seq",))
     seq_sharded = NamedSharding(mesh, P(None, None, "seq", None) if job.sp else P())
+    ids_sharded = NamedSharding(mesh, P(None, "seq") if job.sp else P())
     replicated = NamedSharding(mesh, P())
 
-    def fwd(q, k, v, s0):
+    def fwd(q, k, v, s0, segment_ids):
         if job.sp:
             return lightning_attention_sharded(
                 q, k, v, slopes, initial_state=s0, return_final_state=True, mesh=mesh,
-                seq_axis="seq", impl=job.impl, interpret=False,
+                seq_axis="seq", impl=job.impl, interpret=False, segment_ids=segment_ids,
             )  # fmt: skip
         return lj.lightning_attention(
             q, k, v, slopes, initial_state=s0, return_final_state=True, impl=job.impl,
             interpret=False, precision=job.precision, block_size=job.block_size,
+            segment_ids=segment_ids,
         )  # fmt: skip
 
-    def fwd_bwd(q, k, v, s0):
+    def fwd_bwd(q, k, v, s0, segment_ids):
         def loss(q, k, v, s0):
-            o, state = fwd(q, k, v, s0)
+            o, state = fwd(q, k, v, s0, segment_ids)
             return jnp.sum(o.astype(jnp.float32)) + jnp.sum(state)
 
         return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, s0)
@@ -228,9 +250,11 @@ def compile_job(job: Job) -> dict:
     qk = jax.ShapeDtypeStruct((batch, heads, seq, d), dtype, sharding=seq_sharded)
     v = jax.ShapeDtypeStruct((batch, heads, seq, e), dtype, sharding=seq_sharded)
     s0 = jax.ShapeDtypeStruct((batch, heads, d, e), jnp.float32, sharding=replicated)
+    # Segment ids are an argument: the compiled program is the same whatever their runs.
+    ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=ids_sharded)
     fn = fwd if job.mode == "fwd" else fwd_bwd
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(qk, qk, v, s0).compile()
+    compiled = jax.jit(fn).lower(qk, qk, v, s0, ids if job.segmented else None).compile()
     seconds = time.perf_counter() - start
     stats = compiled.memory_analysis()
     memory = {
@@ -318,9 +342,14 @@ def parse_tpu_vmem(hlo: str) -> dict[str, dict]:
     return out
 
 
-def count_layout_ops(hlo: str) -> dict[str, int]:
-    """pad, slice and copy instructions in a compiled program: data moved around the kernels."""
-    return {op: len(re.findall(rf"= \S+ {op}\(", hlo)) for op in ("pad", "slice", "copy")}
+def count_layout_ops(hlo: str, floating_only: bool = False) -> dict[str, int]:
+    """pad, slice and copy instructions in a compiled program: data moved around the kernels.
+
+    floating_only: only those with a floating-point result (q, k, v, o, states and their
+    gradients), not the integer tables that segment ids are turned into.
+    """
+    result = r"(?:bf16|f16|f32|f64)\[\S+" if floating_only else r"\S+"
+    return {op: len(re.findall(rf"= {result} {op}\(", hlo)) for op in ("pad", "slice", "copy")}
 
 
 def gpu_kernels(log: str, dump_dir: str, names: set[str]) -> list[dict]:
@@ -359,6 +388,7 @@ def run_job(job: Job, timeout: float) -> dict:
         "shape": shape_str(job.shape),
         "block_size": job.block_size,
         "sp": job.sp,
+        "segmented": job.segmented,
         "ok": False,
         "error": None,
         "compile_s": None,
@@ -390,6 +420,8 @@ def run_job(job: Job, timeout: float) -> dict:
         result = json.loads(result_line)
         row.update(ok=True, compile_s=result["compile_s"], memory=result["memory"])
         row["layout_ops"] = count_layout_ops(result["hlo"])
+        if job.segmented:  # the boundary-count tables are built with pads and slices
+            row["float_layout_ops"] = count_layout_ops(result["hlo"], floating_only=True)
         names = {"lightning"}
         if job.platform == "gpu":
             row["kernels"] = gpu_kernels(proc.stderr + proc.stdout, dump_dir, names)
@@ -416,18 +448,26 @@ def spill_bytes(kernel: dict) -> int:
     return kernel.get("spill_store_bytes", 0) + kernel.get("spill_load_bytes", 0)
 
 
+def _any_segmented(rows: list[dict]) -> bool:
+    """Whether the tables need a segmented column (none in a report without segments)."""
+    return any(r.get("segmented") for r in rows)
+
+
 def format_table(rows: list[dict]) -> str:
+    seg = _any_segmented(rows)
     header = (
         f"{'target':>8} {'impl':>10} {'mode':>7} {'dtype':>8} {'prec':>7} {'shape':>20} "
-        f"{'ok':>3} {'s':>6} {'pad/slc/cpy':>11} {'kernel':>18} {'grid':>14} {'thr':>4} "
+        + (f"{'seg':>3} " if seg else "")
+        + f"{'ok':>3} {'s':>6} {'pad/slc/cpy':>11} {'kernel':>18} {'grid':>14} {'thr':>4} "
         f"{'smem':>7} {'regs':>4} {'spill':>6} {'wgmma':>5} {'mma':>5} {'vmem KiB':>8}"
     )
     lines = [header]
     for r in rows:
         lead = (
             f"{r['target']:>8} {r['impl']:>10} {r['mode']:>7} {r['dtype']:>8} "
-            f"{r['precision']:>7} {r['shape']:>20} {'yes' if r['ok'] else 'NO':>3} "
-            f"{(r['compile_s'] or 0):6.1f}"
+            f"{r['precision']:>7} {r['shape']:>20} "
+            + (f"{'yes' if r.get('segmented') else 'no':>3} " if seg else "")
+            + f"{'yes' if r['ok'] else 'NO':>3} {(r['compile_s'] or 0):6.1f}"
         )
         ops = r.get("layout_ops") or {}
         lead += f" {'/'.join(str(ops.get(o, '-')) for o in ('pad', 'slice', 'copy')):>11}"
@@ -462,32 +502,37 @@ def _kernel_summary(kernel: dict) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     """One line per compile: GPU registers / spills / shared memory / wgmma, TPU VMEM."""
+    seg = _any_segmented(rows)
     lines = [
-        "| target | impl | mode | dtype | shape | ok | s | per kernel |",
-        "| --- | --- | --- | --- | --- | --- | ---: | --- |",
-    ]
+        "| target | impl | mode | dtype | shape | " + ("segmented | " if seg else "")
+        + "ok | s | per kernel |",
+        "| --- | --- | --- | --- | --- | " + ("--- | " if seg else "") + "--- | ---: | --- |",
+    ]  # fmt: skip
     for r in rows:
         prec = "" if r["dtype"] != "float32" else f" ({r['precision']})"
         kernels = "; ".join(_kernel_summary(k) for k in r["kernels"]) or (r["error"] or "")
         lines.append(
             f"| {r['target']} | {r['impl']} | {r['mode']} | {r['dtype']}{prec} | {r['shape']} | "
-            f"{'yes' if r['ok'] else 'NO'} | {r['compile_s'] or 0:.1f} | {kernels} |"
+            + (f"{'yes' if r.get('segmented') else 'no'} | " if seg else "")
+            + f"{'yes' if r['ok'] else 'NO'} | {r['compile_s'] or 0:.1f} | {kernels} |"
         )
     return "\n".join(lines)
 
 
 def markdown_summary(rows: list[dict]) -> str:
     """One line per target, impl, dtype and mode over all shapes: the worst figures."""
+    seg = _any_segmented(rows)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        key = (r["target"], r["impl"], r["dtype"], r["precision"], r["mode"])
+        key = (r["target"], r["impl"], r["dtype"], r["precision"], r["mode"], r.get("segmented"))
         groups.setdefault(key, []).append(r)
     lines = [
-        "| target | impl | dtype | mode | compiled | max regs | max spill B | max smem KiB "
-        "| min wgmma | max VMEM MiB |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for (target, impl, dtype, precision, mode), rs in groups.items():
+        "| target | impl | dtype | mode | " + ("segmented | " if seg else "")
+        + "compiled | max regs | max spill B | max smem KiB | min wgmma | max VMEM MiB |",
+        "| --- | --- | --- | --- | " + ("--- | " if seg else "")
+        + "---: | ---: | ---: | ---: | ---: | ---: |",
+    ]  # fmt: skip
+    for (target, impl, dtype, precision, mode, segmented), rs in groups.items():
         kernels = [k for r in rs for k in r["kernels"]]
         gpu = [k for k in kernels if "registers" in k]
         tpu = [k["vmem_bytes"] for k in kernels if k.get("vmem_bytes") is not None]
@@ -498,7 +543,9 @@ def markdown_summary(rows: list[dict]) -> str:
 
         lines.append(
             f"| {target} | {impl} | {dtype}{'' if dtype != 'float32' else f' ({precision})'} "
-            f"| {mode} | {sum(r['ok'] for r in rs)}/{len(rs)} "
+            f"| {mode} | "
+            + (f"{'yes' if segmented else 'no'} | " if seg else "")
+            + f"{sum(r['ok'] for r in rs)}/{len(rs)} "
             f"| {fmt([k['registers'] for k in gpu])} | {fmt([spill_bytes(k) for k in gpu])} "
             f"| {fmt(smem, lambda x: str(x // 1024))} "
             f"| {min(k.get('wgmma', 0) for k in gpu) if gpu else '-'} "
@@ -525,6 +572,7 @@ def main(argv):
         FLAGS.precisions,
         FLAGS.sp,
         lj.available_impls(),
+        segmented=FLAGS.segments,
     )
     for (impl, dtype), why in UNSUPPORTED.items():
         if dtype in FLAGS.dtypes and (not FLAGS.impls or impl in FLAGS.impls):

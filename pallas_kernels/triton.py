@@ -119,9 +119,50 @@ def _block_decays(slope, start, block: int, seq_len: int):
     return q_dec, k_dec, mask, state_dec
 
 
+# The cut decays of `_cut_decays` one at a time, for kernels that compute each where it
+# is used (fewer live values): counts int [B] of the block's rows, start / end the counts
+# before the block and at its last row, length its real rows.
+
+
+def _cut_mask(slope, counts, block: int):
+    """The [B, B] decay mask, zero between rows of different runs."""
+    row = lax.broadcasted_iota(jnp.int32, (block,), 0)
+    # Pairs in different runs get gap -1, which the causal test drops.
+    gap = jnp.where(counts[:, None] == counts[None, :], row[:, None] - row[None, :], -1)
+    return jnp.where(gap >= 0, jnp.exp(-slope * jnp.maximum(gap, 0).astype(jnp.float32)), 0.0)
+
+
+def _cut_q_decay(slope, counts, start, block: int):
+    """lambda^(i+1) for rows i of the block's first run, else 0: [B]."""
+    row = lax.broadcasted_iota(jnp.int32, (block,), 0)
+    return jnp.where(counts == start, jnp.exp(-slope * (row + 1).astype(jnp.float32)), 0.0)
+
+
+def _cut_k_decay(slope, counts, end, length, block: int):
+    """lambda^(L-1-j) for rows j of the block's last run, else 0: [B]."""
+    row = lax.broadcasted_iota(jnp.int32, (block,), 0)
+    k_dec = jnp.exp(-slope * jnp.maximum(length - 1 - row, 0).astype(jnp.float32))
+    return jnp.where(counts == end, k_dec, 0.0)
+
+
+def _cut_state_decay(slope, start, end, length):
+    """lambda^L if the block holds no run boundary, else 0."""
+    return jnp.where(end == start, jnp.exp(-slope * length.astype(jnp.float32)), 0.0)
+
+
 def _forward_kernel(
     slopes_ref, q_ref, k_ref, v_ref, s0_ref, *refs, block, seq_len, precision, segmented
 ):
+    """o and the final state for one e-tile, the state swept forward.
+
+    With segment ids the block step is `segmented_body`: the same math as `body`
+    with `_decays_of`, but the masked scores come before the mask and every cut
+    decay is computed where it is used (the key and state cuts after o is
+    written). Computed first, as in `body`, the cut decays stayed live across
+    the matmuls and the kernel spilled (160 B at d = e = 128 bf16 on H200,
+    experiments/compile_report.py --segments); so ordered, it does not, at the
+    same state tile as the unsegmented kernel. `body` is unchanged.
+    """
     seg_refs, (o_ref, state_ref) = _split_refs(refs, segmented)
     slope = slopes_ref[0]
     in_dtype = q_ref.dtype
@@ -138,7 +179,27 @@ def _forward_kernel(
         k_scaled = (k.astype(jnp.float32) * k_dec[:, None]).astype(in_dtype)
         return state_dec * kv + dot(k_scaled, v, trans_a=True)
 
-    kv = lax.fori_loop(0, q_ref.shape[0] // block, body, s0_ref[...])
+    def segmented_body(c, kv):
+        """body's math, each cut decay computed just before its use (see the docstring)."""
+        rows = pl.ds(c * block, block)
+        counts_ref, before_ref = seg_refs
+        q, k, v = q_ref[rows, :], k_ref[rows, :], v_ref[rows, :]
+        scores = dot(q, k, trans_b=True)
+        counts = counts_ref[rows]
+        o = dot((scores * _cut_mask(slope, counts, block)).astype(in_dtype), v)
+        start = jnp.min(before_ref[rows])  # the count before the block
+        q_dec = _cut_q_decay(slope, counts, start, block)
+        o += q_dec[:, None] * dot(q, kv.astype(in_dtype))
+        o_ref[rows, :] = o.astype(o_ref.dtype)
+        end = jnp.max(counts)  # the count at the block's end
+        length = jnp.clip(seq_len - c * block, 0, block)  # real rows in this block
+        k_dec = _cut_k_decay(slope, counts, end, length, block)
+        state_dec = _cut_state_decay(slope, start, end, length)
+        k_scaled = (k.astype(jnp.float32) * k_dec[:, None]).astype(in_dtype)
+        return state_dec * kv + dot(k_scaled, v, trans_a=True)
+
+    step = segmented_body if segmented else body
+    kv = lax.fori_loop(0, q_ref.shape[0] // block, step, s0_ref[...])
     state_ref[...] = kv
 
 
@@ -199,7 +260,11 @@ def _dv_kernel(
 ):
     """dV for one e-tile, columns dKV[:, e-tile] swept backward.
 
-    dV = ((Q K^T) * M)^T dO + lambda^(B-1-j) K dKV.
+    dV = ((Q K^T) * M)^T dO + lambda^(B-1-j) K dKV. With segment ids the block
+    step is `segmented_body`, ordered like the segmented forward (each cut decay
+    where it is used): with `_decays_of` first it used 255 registers at
+    d = e = 128 bf16 on H200 and spilled 384 B at d = 256; so ordered, 226
+    registers and 40 B (experiments/compile_report.py --segments).
     """
     seg_refs, (dv_ref,) = _split_refs(refs, segmented)
     slope = slopes_ref[0]
@@ -219,7 +284,28 @@ def _dv_kernel(
         q_scaled = (q.astype(jnp.float32) * q_dec[:, None]).astype(in_dtype)
         return state_dec * dkv + dot(q_scaled, do, trans_a=True)
 
-    lax.fori_loop(0, num_blocks, body, dstate_ref[...])
+    def segmented_body(step, dkv):
+        """body's math, each cut decay computed just before its use (see the docstring)."""
+        c = num_blocks - 1 - step
+        rows = pl.ds(c * block, block)
+        counts_ref, before_ref = seg_refs
+        q, k, do = q_ref[rows, :], k_ref[rows, :], do_ref[rows, :]
+        scores = dot(q, k, trans_b=True)  # [query, key]
+        counts = counts_ref[rows]
+        dv = dot((scores * _cut_mask(slope, counts, block)).astype(in_dtype), do, trans_a=True)
+        end = jnp.max(counts)  # the count at the block's end
+        length = jnp.clip(seq_len - c * block, 0, block)  # real rows in this block
+        k_dec = _cut_k_decay(slope, counts, end, length, block)
+        k_scaled = (k.astype(jnp.float32) * k_dec[:, None]).astype(in_dtype)
+        dv += dot(k_scaled, dkv.astype(in_dtype))
+        dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+        start = jnp.min(before_ref[rows])  # the count before the block
+        q_dec = _cut_q_decay(slope, counts, start, block)
+        state_dec = _cut_state_decay(slope, start, end, length)
+        q_scaled = (q.astype(jnp.float32) * q_dec[:, None]).astype(in_dtype)
+        return state_dec * dkv + dot(q_scaled, do, trans_a=True)
+
+    lax.fori_loop(0, num_blocks, segmented_body if segmented else body, dstate_ref[...])
 
 
 def _compiler_params(width: int, dtype) -> plgpu.CompilerParams:

@@ -48,11 +48,25 @@ def _jobs() -> list[compile_report.Job]:
     )  # fmt: skip
 
 
-JOBS = _jobs()
+# With segment ids (issue 15): bf16, d = e = 128 and the awkward shape, every kernel of
+# H200 (Triton, Mosaic GPU), v5e and v6e (Mosaic TPU), forward and forward+backward.
+SEGMENTED_SHAPES = [SHAPES[0], SHAPES[2]]
+
+
+def _segmented_jobs() -> list[compile_report.Job]:
+    return compile_report.make_jobs(
+        TARGETS, [], ["bfloat16"], SEGMENTED_SHAPES, list(compile_report.MODES), ["default"],
+        False, lj.available_impls(), segmented=True,
+    )  # fmt: skip
+
+
+JOBS = _jobs() + _segmented_jobs()
 
 
 def _job_id(job: compile_report.Job) -> str:
-    return f"{job.target}-{job.impl}-{job.mode}-{job.dtype}-{compile_report.shape_str(job.shape)}"
+    segmented = "-segmented" if job.segmented else ""
+    shape = compile_report.shape_str(job.shape)
+    return f"{job.target}-{job.impl}-{job.mode}-{job.dtype}-{shape}{segmented}"
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +91,11 @@ def test_compiles(job, rows):
         for kernel in row["kernels"]:
             assert kernel["vmem_bytes"] is not None and kernel["vmem_bytes"] > 0, kernel
         if job.shape[2] % 2048 == 0 and not job.sp:
-            # Whole grid blocks and d, e as they are: nothing padded or sliced around the kernels.
-            assert row["layout_ops"]["pad"] == row["layout_ops"]["slice"] == 0, row["layout_ops"]
+            # Whole grid blocks and d, e as they are: nothing padded or sliced around the kernels
+            # (with segment ids: nothing floating-point; the int boundary tables are shifted by
+            # a pad and a slice).
+            ops = row["float_layout_ops"] if job.segmented else row["layout_ops"]
+            assert ops["pad"] == ops["slice"] == 0, ops
         return
     # GPU: ptxas from the pip package, not a system CUDA toolkit.
     assert row["ptxas"] and f"{os.sep}nvidia{os.sep}" in row["ptxas"], row["ptxas"]
@@ -146,6 +163,50 @@ def test_parsers_on_compiler_output():
         "  %copy-start = (f32[2]) copy-start(%x)\n"
     )
     assert compile_report.count_layout_ops(program) == {"pad": 1, "slice": 1, "copy": 1}
+    segment_tables = "  %pad.4 = s32[2,4096]{1,0} pad(%c, %z), padding=0_0x1_0\n"
+    assert compile_report.count_layout_ops(program + segment_tables) == {
+        "pad": 2, "slice": 1, "copy": 1
+    }  # fmt: skip
+    assert compile_report.count_layout_ops(program + segment_tables, floating_only=True) == {
+        "pad": 1, "slice": 1, "copy": 1
+    }  # fmt: skip
+
+
+def test_segmented_jobs_and_tables():
+    """--segments: every job (the sequence-parallel ones too) segmented; the tables say so,
+    and a report without segments prints the tables it printed before (no segmented column)."""
+    jobs = compile_report.make_jobs(
+        ["h200"],
+        ["triton"],
+        ["bfloat16"],
+        SHAPES[:1],
+        ["fwd"],
+        ["default"],
+        True,
+        lj.available_impls(),
+        segmented=True,
+    )
+    assert jobs and all(j.segmented for j in jobs) and any(j.sp for j in jobs)
+    row = {
+        "target": "h200",
+        "impl": "triton",
+        "mode": "fwd",
+        "dtype": "bfloat16",
+        "precision": "default",
+        "shape": "2x4x4096x128x128",
+        "ok": True,
+        "compile_s": 1.0,
+        "layout_ops": {},
+        "kernels": [{"name": "lightning_forward", "registers": 250}],
+    }
+    for table in (compile_report.markdown_table, compile_report.markdown_summary):
+        assert "segmented" not in table([row])  # a row from before the flag
+        assert "segmented" not in table([{**row, "segmented": False}])
+        segmented = table([{**row, "segmented": True}])
+        assert "| segmented |" in segmented.splitlines()[0]
+        assert "| yes |" in segmented.splitlines()[2]
+    assert " seg " in compile_report.format_table([{**row, "segmented": True}]).splitlines()[0]
+    assert " seg " not in compile_report.format_table([{**row, "segmented": False}])
 
 
 def test_unknown_target_is_refused():

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,6 +43,7 @@ from jax import lax
 
 import lightning_jax as lj
 from lightning_jax import xla
+from machine_info import cpu_name
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("impls", None, "Implementations to time (default: by backend).")
@@ -95,18 +95,6 @@ DEVICE_PEAKS = {
     "TPU v5": (459.0, 2765.0),
     "TPU v6 lite": (918.0, 1640.0),
 }
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where available."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 USEFUL_BLOCK = 64  # the block of the FLOP count (the Triton kernel's default)

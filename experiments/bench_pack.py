@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lm_data  # noqa: E402
 import lm_train  # noqa: E402
+from machine_info import cpu_name  # noqa: E402
 
 flags.DEFINE_enum("preset", "demo", sorted(lm_train.PRESETS), "Size preset.")
 flags.DEFINE_integer("steps", 300, "Training steps of every run.")
@@ -132,12 +132,6 @@ def main(argv):
             f"held-out loss packed {packed['eval_loss']:.4f}, padded {padded['eval_loss']:.4f}",
             flush=True,
         )
-    rows = {
-        mode: lm_data.DocumentRows(
-            corpus.train, corpus.train_docs, cfg.seq_len, pack=mode == "pack"
-        )
-        for mode in ("pack", "pad")
-    }
     timing = None
     if FLAGS.timing_steps:
         timing = interleaved_timing(configs, corpus, FLAGS.timing_steps)
@@ -155,7 +149,7 @@ def main(argv):
         )
     summary = dict(
         command="python " + " ".join(sys.argv),
-        machine=platform.processor() or platform.machine(),
+        machine=cpu_name(),
         jax=jax.__version__,
         corpus=dict(
             source=corpus.source, train_bytes=int(corpus.train.size), files=corpus.num_files
@@ -163,7 +157,9 @@ def main(argv):
         seq_len=cfg.seq_len,
         batch_size=cfg.batch_size,
         steps=FLAGS.steps,
-        corpus_pad_fraction={mode: r.pad_fraction for mode, r in rows.items()},
+        corpus_pad_fraction={
+            mode: lm_train.training_data(c, corpus).pad_fraction for mode, c in configs.items()
+        },
         tokens_per_sec_ratio_packed_over_padded=ratios,
         interleaved_timing=timing,
         runs=runs,

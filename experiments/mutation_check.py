@@ -45,6 +45,8 @@ from typing import NamedTuple
 
 from absl import app, flags
 
+from machine_info import cpu_name
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("only", None, "Names of the mutations to run (default: all).")
 flags.DEFINE_bool("control", True, "First run every selected test subset unmodified.")
@@ -336,7 +338,7 @@ def write_results(path: str, control: list[dict], rows: list[dict], seconds: flo
             + [a for a in sys.argv[1:] if not a.startswith("--json")]
         ),
         date=time.strftime("%Y-%m-%d", time.gmtime()),
-        machine=_cpu_name(),
+        machine=cpu_name(),
         cpus=os.cpu_count(),
         python=platform.python_version(),
         jax=_jax_version(),
@@ -360,18 +362,6 @@ def write_results(path: str, control: list[dict], rows: list[dict], seconds: flo
         )
     with open(os.path.splitext(path)[0] + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
-
-
-def _cpu_name() -> str:
-    """The CPU's model name (Linux), else the architecture."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _jax_version() -> str:

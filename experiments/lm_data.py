@@ -242,6 +242,7 @@ class DocumentRows:
         if not keep.any():
             raise ValueError("no document has 2 or more bytes: there is nothing to predict")
         self.data, self.seq_len, self.pack = data, int(seq_len), pack
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
         self.doc_starts, self.doc_pairs = docs[keep, 0], pairs[keep]
         self.num_docs = int(keep.sum())
         self.num_pairs = int(self.doc_pairs.sum())
@@ -269,9 +270,19 @@ class DocumentRows:
         epochs, within = np.divmod(places, self.num_rows)
         rows = np.empty(batch_size, np.int64)
         for epoch in np.unique(epochs):
-            order = np.random.default_rng([seed, int(epoch), 1]).permutation(self.num_rows)
+            order = self._epoch_order(seed, int(epoch))
             rows[epochs == epoch] = order[within[epochs == epoch]]
         return rows
+
+    def _epoch_order(self, seed: int, epoch: int) -> np.ndarray:
+        """The epoch's permutation of the rows, kept for the next calls: a step draws it
+        twice (its batch, its real-token count) and every step of an epoch uses the same."""
+        key = (seed, epoch)
+        if key not in self._orders:
+            if len(self._orders) >= 2:  # a batch spans at most two epochs
+                self._orders.clear()
+            self._orders[key] = np.random.default_rng([seed, epoch, 1]).permutation(self.num_rows)
+        return self._orders[key]
 
     def real_tokens(self, rows: np.ndarray) -> np.ndarray:
         """int `[len(rows)]`: the real (non-pad) positions of each row."""

@@ -486,9 +486,7 @@ class Trainer:
         self.eval_step = jax.jit(self._loss)
 
     def _loss(self, params, inputs, targets):
-        model = nnx.merge(self.graphdef, params, self.constants)
-        logits = model(inputs).astype(jnp.float32)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        return self.token_losses(params, inputs, targets).mean()
 
     def token_losses(self, params, inputs, targets, segment_ids=None):
         """Per-token cross entropy `[B, T]` of int inputs, targets (and segment_ids) `[B, T]`."""

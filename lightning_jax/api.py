@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 
 import jax
@@ -39,52 +40,29 @@ def _reference(q, k, v, slopes, initial_state, block_size, interpret, precision,
     )
 
 
-def _triton(q, k, v, slopes, initial_state, block_size, interpret, precision, segment_ids=None):
-    from pallas_kernels.triton import lightning_attention_triton
+def _pallas_kernel(backend: str) -> Callable:
+    """The Pallas kernel of `pallas_kernels.<backend>` in `_IMPLS`'s calling convention.
 
-    return lightning_attention_triton(
-        q,
-        k,
-        v,
-        slopes,
-        initial_state,
-        block_size=block_size,
-        interpret=interpret,
-        precision=precision,
-        segment_ids=segment_ids,
-    )
+    The kernel module is imported at the first call, not with this module: the
+    kernels import lightning_jax themselves, and a user of one backend never
+    loads the others' Pallas modules.
+    """
 
+    def call(q, k, v, slopes, initial_state, block_size, interpret, precision, segment_ids=None):
+        module = importlib.import_module(f"pallas_kernels.{backend}")
+        return getattr(module, f"lightning_attention_{backend}")(
+            q,
+            k,
+            v,
+            slopes,
+            initial_state,
+            block_size=block_size,
+            interpret=interpret,
+            precision=precision,
+            segment_ids=segment_ids,
+        )
 
-def _mosaic_tpu(q, k, v, slopes, initial_state, block_size, interpret, precision, segment_ids=None):
-    from pallas_kernels.mosaic_tpu import lightning_attention_mosaic_tpu
-
-    return lightning_attention_mosaic_tpu(
-        q,
-        k,
-        v,
-        slopes,
-        initial_state,
-        block_size=block_size,
-        interpret=interpret,
-        precision=precision,
-        segment_ids=segment_ids,
-    )
-
-
-def _mosaic_gpu(q, k, v, slopes, initial_state, block_size, interpret, precision, segment_ids=None):
-    from pallas_kernels.mosaic_gpu import lightning_attention_mosaic_gpu
-
-    return lightning_attention_mosaic_gpu(
-        q,
-        k,
-        v,
-        slopes,
-        initial_state,
-        block_size=block_size,
-        interpret=interpret,
-        precision=precision,
-        segment_ids=segment_ids,
-    )
+    return call
 
 
 # name -> fn(q, k, v, slopes [H] f32, initial_state [B, H, d, e], block_size, interpret,
@@ -92,9 +70,9 @@ def _mosaic_gpu(q, k, v, slopes, initial_state, block_size, interpret, precision
 _IMPLS: dict[str, Callable] = {
     "xla": _xla,
     "reference": _reference,
-    "triton": _triton,
-    "mosaic_tpu": _mosaic_tpu,
-    "mosaic_gpu": _mosaic_gpu,
+    "triton": _pallas_kernel("triton"),
+    "mosaic_tpu": _pallas_kernel("mosaic_tpu"),
+    "mosaic_gpu": _pallas_kernel("mosaic_gpu"),
 }
 _PALLAS_IMPLS = ("triton", "mosaic_tpu", "mosaic_gpu")
 # The implementations that take `segment_ids`; any other refuses them (never ignores them).

@@ -64,8 +64,13 @@ def outputs_and_grads(fn):
 
 def check_against_single_device(fn, slopes, inputs):
     """fn(q, k, v, s0) -> (o, state): forward and gradients vs. one device and the reference."""
+    check_against(fn, {"single device": single_device(slopes), "naive": naive(slopes)}, inputs)
+
+
+def check_against(fn, wants, inputs):
+    """fn(q, k, v, s0) -> (o, state): forward and gradients vs. each of wants {name: fn}."""
     (o, state), grads = outputs_and_grads(fn)(*inputs)
-    for name, want_fn in (("single device", single_device(slopes)), ("naive", naive(slopes))):
+    for name, want_fn in wants.items():
         (o_want, state_want), want_grads = outputs_and_grads(want_fn)(*inputs)
         assert_close(o, o_want, F32_TOL, f"o vs {name}")
         assert_close(state, state_want, F32_TOL, f"final state vs {name}")
@@ -467,12 +472,7 @@ def test_segment_ids_across_devices(check_vma):
         )
 
     inputs = make_inputs(40, 2, 2, 60, 8, 8)
-    (o, state), grads = outputs_and_grads(fn)(*inputs)
-    (o_want, state_want), want_grads = outputs_and_grads(ref)(*inputs)
-    assert_close(o, o_want, F32_TOL, "o")
-    assert_close(state, state_want, F32_TOL, "final state")
-    for name, g, g_want in zip(("dq", "dk", "dv", "d_initial_state"), grads, want_grads):
-        assert_close(g, g_want, F32_TOL, name)
+    check_against(fn, {"naive": ref}, inputs)
 
 
 def test_sharded_segment_ids_with_batch_axis():
@@ -493,12 +493,7 @@ def test_sharded_segment_ids_with_batch_axis():
         )
 
     inputs = make_inputs(41, 2, 2, 64, 8, 8)
-    (o, state), grads = outputs_and_grads(fn)(*inputs)
-    (o_want, state_want), want_grads = outputs_and_grads(ref)(*inputs)
-    assert_close(o, o_want, F32_TOL, "o")
-    assert_close(state, state_want, F32_TOL, "final state")
-    for name, g, g_want in zip(("dq", "dk", "dv", "d_initial_state"), grads, want_grads):
-        assert_close(g, g_want, F32_TOL, name)
+    check_against(fn, {"naive": ref}, inputs)
     with pytest.raises(NotImplementedError, match="combine=.ppermute"):
         lightning_attention_sharded(
             *inputs[:3], slopes, mesh=mesh, seq_axis="x", combine="all_gather", segment_ids=ids

@@ -135,11 +135,34 @@ def reset_interpreter() -> None:
     module.reset_gpu_interpret_mode_state()
 
 
-def _smem(shape, dtype):
+def smem_tile(shape, dtype):
     """A shared-memory tile in the tiled, 128-byte-swizzled layout wgmma and TMA expect."""
     elems = SWIZZLE_BYTES // jnp.dtype(dtype).itemsize
     transforms = (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(SWIZZLE_BYTES))
     return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+# Register layouts of a [block] vector that broadcasts along dim 0 (one value per row of a
+# WGMMA tile) or dim 1 (one per column).
+ROW_LAYOUTS = {0: plgpu.Layout.WGMMA.reduce(1), 1: plgpu.Layout.WGMMA.reduce(0)}
+
+
+def layout_iota(shape, dim: int, *, interpret: bool, layout=plgpu.Layout.WGMMA):
+    """An int32 iota in registers, in `layout` (WGMMA's) when compiled."""
+    x = lax.broadcasted_iota(jnp.int32, shape, dim)
+    # The compiler needs the register layout of an iota; the interpreter has no
+    # layout_cast rule (jax 0.10.2), and needs none.
+    return x if interpret else plgpu.layout_cast(x, layout)
+
+
+def run_counts(ref, dim: int, shape=None, *, interpret: bool):
+    """A [block] row of run counts (or other values) in shared memory, broadcast along
+    `dim` of `shape`: dim 0 gives each row its own value, dim 1 each column its own
+    (shape None: the [block] vector, laid out to broadcast so)."""
+    # The compiler needs the register layout of the row (WGMMA's rows or columns, so
+    # that it broadcasts into WGMMA tiles); the interpreter needs none.
+    counts = ref[...] if interpret else plgpu.load(ref, (), layout=ROW_LAYOUTS[dim])
+    return counts if shape is None else lax.broadcast_in_dim(counts, shape, [dim])
 
 
 def _buffer_slots(
@@ -189,19 +212,8 @@ def _sweep_kernel(
     cols = pl.ds(lax.axis_index("t") * TILE, TILE)
     state_chunks = [pl.ds(i, STATE_ROWS) for i in range(0, width, STATE_ROWS)]
 
-    def iota(shape, dim):
-        x = lax.broadcasted_iota(jnp.int32, shape, dim)
-        # The compiler needs the register layout of an iota; the interpreter has no
-        # layout_cast rule (jax 0.10.2), and needs none.
-        return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)
-
-    def counts_along(ref, dim: int, shape):
-        """A [block] row of run counts in shared memory, broadcast along `dim` of `shape`:
-        dim 0 gives each row its own count, dim 1 each column its own."""
-        # The compiler needs the register layout of the row (WGMMA's rows or columns, so
-        # that it broadcasts into WGMMA tiles); the interpreter needs none.
-        counts = ref[...] if interpret else plgpu.load(ref, (), layout=_ROW_LAYOUTS[dim])
-        return lax.broadcast_in_dim(counts, shape, [dim])
+    iota = functools.partial(layout_iota, interpret=interpret)
+    counts_along = functools.partial(run_counts, interpret=interpret)
 
     x_width = x_ref.shape[-1] if x_ref is not None else width
     slots = _buffer_slots(block, x_width, width, dtype, state_only, segmented)
@@ -352,25 +364,20 @@ def _sweep_kernel(
 
     pl.run_scoped(
         scoped,
-        None if state_only else _smem((slots, block, x_width), dtype),  # x_s
-        _smem((slots, block, width) if y_natural else (slots, width, block), dtype),  # Y or Yt
-        _smem((slots, block, TILE), dtype),  # z_s
-        None if state_only else _smem((block, block), dtype),  # p_s: masked scores
-        None if state_only else _smem((width, TILE), dtype),  # st_s: state as an operand
-        _smem((block, TILE), dtype),  # zs_s: decayed Z
-        None if state_only else _smem((block, TILE), dtype),  # o_s: output staging
-        _smem((width, TILE), jnp.float32),  # f32_s: the state
-        None if state_only else _smem((block, block), jnp.float32),  # mask_s: decay mask
-        _smem((block, TILE), jnp.float32),  # dec_s: lambda^(i+1) per row
+        None if state_only else smem_tile((slots, block, x_width), dtype),  # x_s
+        smem_tile((slots, block, width) if y_natural else (slots, width, block), dtype),  # Y or Yt
+        smem_tile((slots, block, TILE), dtype),  # z_s
+        None if state_only else smem_tile((block, block), dtype),  # p_s: masked scores
+        None if state_only else smem_tile((width, TILE), dtype),  # st_s: state as an operand
+        smem_tile((block, TILE), dtype),  # zs_s: decayed Z
+        None if state_only else smem_tile((block, TILE), dtype),  # o_s: output staging
+        smem_tile((width, TILE), jnp.float32),  # f32_s: the state
+        None if state_only else smem_tile((block, block), jnp.float32),  # mask_s: decay mask
+        smem_tile((block, TILE), jnp.float32),  # dec_s: lambda^(i+1) per row
         plgpu.SMEM((block,), jnp.float32),  # params_s
         plgpu.SMEM((slots, SEGMENT_ROWS, block), jnp.int32) if segmented else None,  # seg_s
         plgpu.Barrier(num_barriers=per_slot * slots),
     )
-
-
-# Register layouts of a [block] vector that broadcasts along dim 0 (one value per row of a
-# WGMMA tile) or dim 1 (one per column).
-_ROW_LAYOUTS = {0: plgpu.Layout.WGMMA.reduce(1), 1: plgpu.Layout.WGMMA.reduce(0)}
 
 
 def _sweep(params, x, y, z, state0, *, block, reverse, interpret, seg=None):
@@ -380,8 +387,14 @@ def _sweep(params, x, y, z, state0, *, block, reverse, interpret, seg=None):
     Y [G, N, A], the operand the kernel multiplies transposed (module docstring);
     seg: None (no segment ids: the unsegmented kernel) or the `_segment_table`.
     """
+    if z.dtype == jnp.float32:  # TF32 wgmma needs other operand layouts
+        from pallas_kernels import mosaic_gpu_f32
+
+        return mosaic_gpu_f32.sweep(
+            params, x, y, z, state0, block=block, reverse=reverse, interpret=interpret, seg=seg
+        )
     groups, _, width = y.shape
-    yt = _t(y) if interpret else y  # the interpreter takes no transposed operands
+    yt = transpose(y) if interpret else y  # the interpreter takes no transposed operands
     z_cols = z.shape[-1]
     state_only = x is None
     kernel = functools.partial(
@@ -513,7 +526,8 @@ def _split(x: jax.Array, tiling: Tiling) -> jax.Array:
     return x.reshape(groups * tiling.splits, rows // tiling.splits, cols)
 
 
-def _t(x: jax.Array) -> jax.Array:
+def transpose(x: jax.Array) -> jax.Array:
+    """[G, a, b] -> [G, b, a]."""
     return jnp.swapaxes(x, 1, 2)
 
 
@@ -582,11 +596,11 @@ def _backward(q, k, v, slopes, s0, do, dstate, tiling, seq_len, interpret, segme
         segments=segments,
     )
     qs, ks, vs, dos = (_split(x, tiling) for x in (q, k, v, do))
-    starts_t, _ = states(params, vs, ks, _t(s0), reverse=False)  # KV^T entering each split
+    starts_t, _ = states(params, vs, ks, transpose(s0), reverse=False)  # KV^T entering each split
     dq, _ = sweep(params, dos, vs, ks, starts_t, reverse=False)
     ends, ds0 = states(params, qs, dos, dstate, reverse=True)  # dKV entering each (from the end)
     dv, first = sweep(params, ks, qs, dos, ends, reverse=True)
-    dk, _ = sweep(params, vs, dos, qs, _t(ends), reverse=True)
+    dk, _ = sweep(params, vs, dos, qs, transpose(ends), reverse=True)
     ds0 = first if ds0 is None else ds0
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), ds0
 
@@ -665,11 +679,11 @@ def lightning_attention_mosaic_gpu(
     if n >= MAX_SEQ:  # the kernels read each sequence's length as a float32
         raise ValueError(f"the Mosaic GPU kernel takes seq < {MAX_SEQ}, got q [..., {n}, {d}]")
     dtype = q.dtype
-    if dtype == jnp.float32 and not interpret:
+    if dtype == jnp.float32 and precision == "highest" and not interpret:
         raise NotImplementedError(
-            f"impl='mosaic_gpu' with float32 inputs (precision={precision!r}) is not implemented "
-            "on the GPU: Hopper's TF32 wgmma needs K-major operands, which this kernel's layout "
-            "does not give. Pass bfloat16/float16 inputs, or use impl='triton'."
+            "impl='mosaic_gpu' with float32 inputs and precision='highest' is not implemented "
+            "on the GPU (its wgmma multiplies float32 at TF32 only). Use precision='default' "
+            "(TF32), or impl='triton' or impl='xla' for exact float32 matmuls."
         )
     tiling = choose_tiling(batch * heads, e, n, seq_splits)
     k, v = k.astype(dtype), v.astype(dtype)

@@ -108,8 +108,37 @@ class TestMosaicGpuInterpret(LightningOpTestBase):
         LightningOpTestBase.test_low_precision(self, case, dtype)
 
 
+# The two kernels: float32 runs the TF32 sweep (`mosaic_gpu_f32`), bf16 the 16-bit one.
+KERNEL_DTYPES = pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+
+
+def _check_against_reference(fn, slopes, q, k, v, s0, do, ds, ids=None):
+    """fn(q, k, v, s0) -> (o, state): o, final state and every gradient against the
+    reference on q, k, v in float32 (with segment ids `ids`); float32 to F32_TOL (max
+    error), bf16 to the RMS tolerances."""
+
+    def ref_fn(q, k, v, s0):
+        return reference.naive_attention(
+            q, k, v, slopes, initial_state=s0, return_final_state=True, segment_ids=ids
+        )
+
+    exact = q.dtype == jnp.float32
+    check = assert_close if exact else assert_rms_close
+    out_tol, grad_tol = (F32_TOL, F32_TOL) if exact else (BF16_OUT_TOL, BF16_GRAD_TOL)
+    up = [x.astype(jnp.float32) for x in (q, k, v)]
+    o, state = jax.jit(fn)(q, k, v, s0)
+    o_ref, state_ref = ref_fn(*up, s0)
+    check(o, o_ref, out_tol, "o")
+    check(state, state_ref, out_tol, "final state")
+    grads = jax.jit(functools.partial(loss_and_grads, fn))(q, k, v, s0, do, ds)
+    ref_grads = loss_and_grads(ref_fn, *up, s0, do, ds)
+    for name, g, g_ref in zip(("dq", "dk", "dv", "d_initial_state"), grads, ref_grads):
+        check(g, g_ref, grad_tol, name)
+
+
+@KERNEL_DTYPES
 @pytest.mark.parametrize("splits, n", [(2, 129), (8, 200)])
-def test_sequence_splits_match_reference(splits, n):
+def test_sequence_splits_match_reference(splits, n, dtype):
     """Split sequences (state-only pass, combine, outputs): o, state and every gradient.
 
     129 rows in 2 splits of 2 blocks: the last split holds 1 real row; 8 splits of
@@ -117,24 +146,14 @@ def test_sequence_splits_match_reference(splits, n):
     """
     b, h, d, e = 1, 2, 60, 24
     slopes = make_slopes("strong", h)
-    q, k, v, s0, do, ds = make_inputs(10, b, h, n, d, e)
-    fn = jax.jit(
-        lambda q, k, v, s0: mosaic_gpu.lightning_attention_mosaic_gpu(
+    q, k, v, s0, do, ds = make_inputs(10, b, h, n, d, e, dtype)
+
+    def fn(q, k, v, s0):
+        return mosaic_gpu.lightning_attention_mosaic_gpu(
             q, k, v, slopes, s0, interpret=True, seq_splits=splits
         )
-    )
-    o, state = fn(q, k, v, s0)
-    grads = jax.jit(functools.partial(loss_and_grads, fn))(q, k, v, s0, do, ds)
 
-    def ref_fn(q, k, v, s0):
-        return reference.naive_attention(q, k, v, slopes, initial_state=s0, return_final_state=True)
-
-    o_ref, state_ref = ref_fn(q, k, v, s0)
-    assert_close(o, o_ref, F32_TOL, "o")
-    assert_close(state, state_ref, F32_TOL, "final state")
-    ref_grads = loss_and_grads(ref_fn, q, k, v, s0, do, ds)
-    for name, g, g_ref in zip(("dq", "dk", "dv", "d_initial_state"), grads, ref_grads):
-        assert_close(g, g_ref, F32_TOL, name)
+    _check_against_reference(fn, slopes, q, k, v, s0, do, ds)
 
 
 def _boundary_ids(batch: int, n: int, boundaries) -> jax.Array:
@@ -145,25 +164,8 @@ def _boundary_ids(batch: int, n: int, boundaries) -> jax.Array:
     return jnp.asarray(ids % 3)  # ids reused across runs: only the changes matter
 
 
-def _check_segmented_against_reference(fn, slopes, ids, q, k, v, s0, do, ds):
-    """fn(q, k, v, s0) -> (o, state) with `ids`: o, final state and every gradient."""
-
-    def ref_fn(q, k, v, s0):
-        return reference.naive_attention(
-            q, k, v, slopes, initial_state=s0, return_final_state=True, segment_ids=ids
-        )
-
-    o, state = jax.jit(fn)(q, k, v, s0)
-    o_ref, state_ref = ref_fn(q, k, v, s0)
-    assert_close(o, o_ref, F32_TOL, "o")
-    assert_close(state, state_ref, F32_TOL, "final state")
-    grads = jax.jit(functools.partial(loss_and_grads, fn))(q, k, v, s0, do, ds)
-    ref_grads = loss_and_grads(ref_fn, q, k, v, s0, do, ds)
-    for name, g, g_ref in zip(("dq", "dk", "dv", "d_initial_state"), grads, ref_grads):
-        assert_close(g, g_ref, F32_TOL, name)
-
-
-def test_sequence_splits_with_segments_match_reference():
+@KERNEL_DTYPES
+def test_sequence_splits_with_segments_match_reference(dtype):
     """Sequence splits with segment ids: `_combine` cuts the state at a split holding a
     run boundary and passes it through one that continues a run, both directions.
 
@@ -174,7 +176,7 @@ def test_sequence_splits_with_segments_match_reference():
     """
     b, h, n, d, e = 1, 2, 450, 60, 24
     slopes = jnp.array([0.01, 0.3], jnp.float32)
-    q, k, v, s0, do, ds = make_inputs(12, b, h, n, d, e)
+    q, k, v, s0, do, ds = make_inputs(12, b, h, n, d, e, dtype)
     ids = _boundary_ids(b, n, [70, 256, 300, 301])
     assert mosaic_gpu.choose_tiling(b * h, e, n, 4).splits == 4
 
@@ -183,10 +185,11 @@ def test_sequence_splits_with_segments_match_reference():
             q, k, v, slopes, s0, interpret=True, seq_splits=4, segment_ids=ids
         )
 
-    _check_segmented_against_reference(fn, slopes, ids, q, k, v, s0, do, ds)
+    _check_against_reference(fn, slopes, q, k, v, s0, do, ds, ids)
 
 
-def test_segment_boundary_at_offsets_of_a_kernel_block():
+@KERNEL_DTYPES
+def test_segment_boundary_at_offsets_of_a_kernel_block(dtype):
     """The kernel's blocks are 64 rows whatever block_size says, so the shared suite's
     16-row offsets do not reach all of one: here row r has a length-1 run at 64 + r for
     offsets r at both edges and the middle of the second block (r = 63: the next
@@ -195,7 +198,7 @@ def test_segment_boundary_at_offsets_of_a_kernel_block():
     offsets = [0, 1, 2, 31, 32, 62, 63]
     b, h, n, d, e = len(offsets), 2, 192, 8, 12
     slopes = jnp.array([0.02, 0.5], jnp.float32)
-    q, k, v, s0, do, ds = make_inputs(13, b, h, n, d, e)
+    q, k, v, s0, do, ds = make_inputs(13, b, h, n, d, e, dtype)
     t = np.arange(n)[None, :]
     at = 64 + np.asarray(offsets)[:, None]
     ids = jnp.asarray(np.where(t == at, 9, 5), jnp.int32)
@@ -205,7 +208,7 @@ def test_segment_boundary_at_offsets_of_a_kernel_block():
             q, k, v, slopes, s0, interpret=True, segment_ids=ids
         )
 
-    _check_segmented_against_reference(fn, slopes, ids, q, k, v, s0, do, ds)
+    _check_against_reference(fn, slopes, q, k, v, s0, do, ds, ids)
 
 
 def test_choose_tiling_fills_the_gpu():
@@ -236,7 +239,6 @@ def test_prefetch_buffers_fit_shared_memory():
         (dict(precision="fast"), ValueError, "precision must be one of"),
         (dict(block_size=128, interpret=True), ValueError, "block_size must be <= 64"),
         (dict(seq_splits=0), ValueError, "seq_splits must be None or >= 1"),
-        (dict(interpret=False), NotImplementedError, "float32 inputs.*precision='default'"),
         (dict(interpret=False, precision="highest"), NotImplementedError, "precision='highest'"),
     ],
 )
@@ -337,7 +339,9 @@ def _hopper_gpu_missing() -> str | None:
 
 
 @pytest.mark.skipif(_hopper_gpu_missing() is not None, reason=str(_hopper_gpu_missing()))
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize(
+    "dtype", [jnp.bfloat16, jnp.float16, jnp.float32], ids=["bf16", "f16", "f32-tf32"]
+)
 @pytest.mark.parametrize(
     "case, splits",
     [
@@ -353,7 +357,10 @@ def _hopper_gpu_missing() -> str | None:
     ids=lambda x: case_id(x) if isinstance(x, tuple) else f"splits{x}",
 )
 def test_device_matches_reference(case, splits, dtype):
-    """On a real Hopper GPU: o, state and every gradient against the float32 reference."""
+    """On a real Hopper GPU: o, state and every gradient against the float32 reference.
+
+    float32 runs the TF32 kernels: TF32 keeps f16's 10-bit mantissa, so the f16 RMS
+    tolerances apply."""
     b, h, n, d, e, kind, _ = case
     slopes = make_slopes(kind, h)
     slopes_h = jnp.broadcast_to(jnp.asarray(0.0 if slopes is None else slopes), (h,))
@@ -423,26 +430,42 @@ def _cuda_compile_available() -> str | None:
     return None
 
 
+_BF16_COMPILES = [
+    ("h200", 2, 4, 2048, 64, 64, "1", False),
+    ("h200", 2, 4, 2048, 128, 128, "1", False),
+    ("h100_sxm", 2, 4, 2048, 128, 128, "1", False),
+    ("h200", 1, 2, 1024, 256, 256, "1", False),
+    ("h200", 1, 3, 1000, 192, 100, "auto", False),  # awkward: odd seq, d != e, not 2^k
+    ("h200", 1, 8, 8192, 128, 128, "auto", False),  # b1 h8: split over the sequence
+    # Segment ids: the segmented kernels (run counts by TMA, decays cut in registers).
+    ("h200", 2, 4, 2048, 64, 64, "1", True),
+    ("h200", 2, 4, 2048, 128, 128, "1", True),
+    ("h200", 1, 2, 1024, 256, 256, "1", True),
+    ("h200", 1, 3, 1000, 192, 100, "auto", True),  # with splits and their state-only pass
+]
+# float32 (the TF32 kernels of mosaic_gpu_f32): every width, H100 and H200, the awkward
+# shape with splits, and segment ids at the widest and the awkward shape.
+_F32_COMPILES = [
+    ("h200", 2, 4, 2048, 64, 64, "1", False),
+    ("h200", 2, 4, 2048, 128, 128, "1", False),
+    ("h100_sxm", 2, 4, 2048, 128, 128, "1", False),
+    ("h200", 1, 2, 1024, 256, 256, "1", False),
+    ("h100_sxm", 1, 2, 1024, 256, 256, "1", False),
+    ("h200", 1, 3, 1000, 192, 100, "auto", False),
+    ("h200", 1, 2, 1024, 256, 256, "1", True),
+    ("h200", 1, 3, 1000, 192, 100, "auto", True),
+]
+
+
 @pytest.mark.skipif(_cuda_compile_available() is not None, reason=str(_cuda_compile_available()))
 @pytest.mark.parametrize(
-    "target, b, h, n, d, e, splits, segmented",
-    [
-        ("h200", 2, 4, 2048, 64, 64, "1", False),
-        ("h200", 2, 4, 2048, 128, 128, "1", False),
-        ("h100_sxm", 2, 4, 2048, 128, 128, "1", False),
-        ("h200", 1, 2, 1024, 256, 256, "1", False),
-        ("h200", 1, 3, 1000, 192, 100, "auto", False),  # awkward: odd seq, d != e, not 2^k
-        ("h200", 1, 8, 8192, 128, 128, "auto", False),  # b1 h8: split over the sequence
-        # Segment ids: the segmented kernels (run counts by TMA, decays cut in registers).
-        ("h200", 2, 4, 2048, 64, 64, "1", True),
-        ("h200", 2, 4, 2048, 128, 128, "1", True),
-        ("h200", 1, 2, 1024, 256, 256, "1", True),
-        ("h200", 1, 3, 1000, 192, 100, "auto", True),  # with splits and their state-only pass
-    ],
+    "target, b, h, n, d, e, splits, segmented, dtype",
+    [(*row, "bfloat16") for row in _BF16_COMPILES] + [(*row, "float32") for row in _F32_COMPILES],
     ids=lambda x: {True: "segmented", False: "plain"}.get(x) if isinstance(x, bool) else None,
 )
-def test_compiles_for_hopper_without_spills(target, b, h, n, d, e, splits, segmented):
-    """Forward + backward bf16, the real deviceless compile (Mosaic GPU, ptxas -v)."""
+def test_compiles_for_hopper_without_spills(target, b, h, n, d, e, splits, segmented, dtype):
+    """Forward + backward, the real deviceless compile (Mosaic GPU, ptxas -v): bf16 on the
+    16-bit kernels, float32 on the TF32 ones (`mosaic_gpu_f32`)."""
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
@@ -450,7 +473,7 @@ def test_compiles_for_hopper_without_spills(target, b, h, n, d, e, splits, segme
         MOSAIC_GPU_DUMP_PTXAS="1",
         PYTHONPATH=str(REPO),
     )
-    args = [str(GPU_TARGETS / f"{target}.txtpb"), b, h, n, d, e, "bfloat16", splits, int(segmented)]
+    args = [str(GPU_TARGETS / f"{target}.txtpb"), b, h, n, d, e, dtype, splits, int(segmented)]
     result = subprocess.run(
         [sys.executable, "-c", _COMPILE_SCRIPT, *map(str, args)],
         capture_output=True,
@@ -467,4 +490,6 @@ def test_compiles_for_hopper_without_spills(target, b, h, n, d, e, splits, segme
     assert not any(spills), dict(zip(kernels, spills))
     # Every kernel's PTX (one per compiled kernel) has tensor-core instructions.
     ptx_modules = log.split("Generated by LLVM NVPTX Back-End")[1:]
-    assert ptx_modules and all("wgmma.mma_async" in m for m in ptx_modules)
+    wgmma = {"bfloat16": ".f32.bf16.bf16", "float32": ".f32.tf32.tf32"}[dtype]
+    assert ptx_modules and all("wgmma.mma_async.sync.aligned.m64" in m for m in ptx_modules)
+    assert all(wgmma in m for m in ptx_modules), f"no {wgmma} wgmma"

@@ -52,9 +52,7 @@ TPU_TARGETS = {
 SP_TARGETS = {"v5e:2x2": ("tpu", "v5e:2x2"), "4xh200": ("gpu", "1x1x4")}
 GPU_IMPLS = ("triton", "mosaic_gpu")
 # Combinations a kernel refuses before compiling (NotImplementedError), left out.
-UNSUPPORTED = {
-    ("mosaic_gpu", "float32", "highest"): "Mosaic GPU multiplies float32 at TF32 only on the GPU"
-}
+UNSUPPORTED: dict[tuple[str, str, str], str] = {}
 TPU_IMPLS = ("mosaic_tpu",)
 MODES = ("fwd", "fwd_bwd")
 DEFAULT_SHAPES = "4x32x8192x128x128,4x32x8192x64x64,1x3x1001x100x60,1x3x1001x192x100"

@@ -63,7 +63,8 @@ say "device tests: every implementation against the references"
 # On a GPU backend the Triton class runs the real kernels (interpret=None means False).
 timeout 150 python -m pytest -q -p no:cacheprovider \
   tests/test_xla.py tests/test_pallas.py::TestTritonInterpret \
-  "tests/test_mosaic_gpu.py::test_device_matches_reference" 2>&1 | tee "$OUT/tests.txt"
+  "tests/test_mosaic_gpu.py::test_device_matches_reference" \
+  "tests/test_mosaic_gpu.py::test_device_float32_matches_reference" 2>&1 | tee "$OUT/tests.txt"
 tests_status=${PIPESTATUS[0]}
 [[ $tests_status -eq 0 ]] || status=1
 

@@ -68,6 +68,10 @@ ROUND = ".astype({dtype}).astype(jnp.float32)"
 PRECISION_TESTS = "test_carried_state or (test_low_precision and (n2048 or n4096))"
 # The Mosaic GPU interpreter is slow: the exact probe alone.
 MOSAIC_GPU_TESTS = "test_carried_state"
+# The TF32 sweep: split sequences (several blocks per split, strong decay) in float32.
+MOSAIC_GPU_F32_TESTS = "test_sequence_splits_match_reference and f32"
+# A length-1 run at every offset of a 64-row kernel block (Mosaic GPU's blocks are 64 rows).
+MOSAIC_GPU_SEGMENT_TESTS = "test_segment_boundary_at_offsets_of_a_kernel_block"
 # A boundary at every offset inside a 16-row block (the state must reset there, the
 # mask must be cut there).
 SEGMENT_TESTS = "test_segment_boundary_at_every_offset"
@@ -173,6 +177,23 @@ MUTATIONS = [
         "                    state = state.astype(dtype).astype(jnp.float32)\n",
         ("tests/test_mosaic_gpu.py", "-k", MOSAIC_GPU_TESTS),
     ),
+    # The TF32 sweep (float32 inputs, mosaic_gpu_f32) carries float32 by construction; its
+    # own bugs: the state chunk not decayed between blocks, and the prefetch of the next
+    # block's first chunk taken from this block (a stale tile in every block after the first).
+    Mutation(
+        "mosaic_gpu_f32_state_not_decayed",
+        "pallas_kernels/mosaic_gpu_f32.py",
+        "st_s[:, chunk] = state_dec * st_s[:, chunk] + update",
+        "st_s[:, chunk] = st_s[:, chunk] + update",
+        ("tests/test_mosaic_gpu.py", "-k", MOSAIC_GPU_F32_TESTS),
+    ),
+    Mutation(
+        "mosaic_gpu_f32_prefetch_wrong_block",
+        "pallas_kernels/mosaic_gpu_f32.py",
+        "load_chunk(step + 1, 0, 0)",
+        "load_chunk(step, 0, 0)",
+        ("tests/test_mosaic_gpu.py", "-k", MOSAIC_GPU_F32_TESTS),
+    ),
     Mutation(
         "xla_fwd_chunk_state_rounded",
         "lightning_jax/xla.py",
@@ -228,6 +249,34 @@ MUTATIONS = [
         "jnp.where(end == start, state_dec, 0.0)",
         "state_dec",
         _pallas("TestMosaicTpuInterpret", SEGMENT_TESTS),
+    ),
+    Mutation(
+        "mosaic_gpu_segment_state_not_reset",
+        "pallas_kernels/mosaic_gpu.py",
+        "state_dec = jnp.where(start == end, state_dec, 0.0)",
+        "state_dec = state_dec",
+        ("tests/test_mosaic_gpu.py", "-k", f"{MOSAIC_GPU_SEGMENT_TESTS} and bf16"),
+    ),
+    Mutation(
+        "mosaic_gpu_segment_mask_not_cut",
+        "pallas_kernels/mosaic_gpu.py",
+        "mask = jnp.where(same_run, mask, 0.0)",
+        "mask = mask",
+        ("tests/test_mosaic_gpu.py", "-k", f"{MOSAIC_GPU_SEGMENT_TESTS} and bf16"),
+    ),
+    Mutation(
+        "mosaic_gpu_f32_segment_state_not_reset",
+        "pallas_kernels/mosaic_gpu_f32.py",
+        "state_dec = jnp.where(seg_s[1, 0] == seg_s[0, block - 1], state_dec, 0.0)",
+        "state_dec = state_dec",
+        ("tests/test_mosaic_gpu.py", "-k", f"{MOSAIC_GPU_SEGMENT_TESTS} and f32"),
+    ),
+    Mutation(
+        "mosaic_gpu_f32_segment_mask_not_cut",
+        "pallas_kernels/mosaic_gpu_f32.py",
+        "mask = jnp.where(same_run, mask, 0.0)",
+        "mask = mask",
+        ("tests/test_mosaic_gpu.py", "-k", f"{MOSAIC_GPU_SEGMENT_TESTS} and f32"),
     ),
     Mutation(
         "xla_segment_state_not_reset",

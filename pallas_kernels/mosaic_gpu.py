@@ -24,9 +24,9 @@ transposed from shared memory (`plgpu.transpose_ref`, free for 16-bit types).
 Mosaic GPU's interpreter (jax 0.10.2) cannot run transposed operands, so in
 interpret mode `_sweep` hands the kernel Y^T made by XLA instead: the same math,
 with every operand in its natural [M, K] / [K, N] layout. Float32 inputs: TF32
-wgmma takes only K-major operands, which this layout does not give; they run in
-the interpreter (exact float32) but `interpret=False` refuses them (see
-`lightning_attention_mosaic_gpu`).
+wgmma takes only K-major operands, which this layout does not give, so `_sweep`
+hands them to the TF32 sweep of `mosaic_gpu_f32` (its own layouts, the same
+passes and wrapper), compiled and interpreted alike.
 
 One program per ((batch, head), 64-wide tile of Z's columns), the sequence
 walked in order inside the program (the next block's tiles prefetched by TMA
@@ -380,19 +380,21 @@ def _sweep_kernel(
     )
 
 
-def _sweep(params, x, y, z, state0, *, block, reverse, interpret, seg=None):
+def _sweep(params, x, y, z, state0, *, block, reverse, interpret, seg=None, exact=False):
     """out [G, N, Zc] (None when x is None: state only) and final state [G, A, Zc] f32.
 
     params [G, block] f32 holds each group's slope and real sequence length; y is
     Y [G, N, A], the operand the kernel multiplies transposed (module docstring);
-    seg: None (no segment ids: the unsegmented kernel) or the `_segment_table`.
+    seg: None (no segment ids: the unsegmented kernel) or the `_segment_table`;
+    exact: float32 products to about float32 accuracy (3-pass TF32) instead of TF32.
     """
     if z.dtype == jnp.float32:  # TF32 wgmma needs other operand layouts
         from pallas_kernels import mosaic_gpu_f32
 
         return mosaic_gpu_f32.sweep(
-            params, x, y, z, state0, block=block, reverse=reverse, interpret=interpret, seg=seg
-        )
+            params, x, y, z, state0, block=block, reverse=reverse, interpret=interpret, seg=seg,
+            split=exact,
+        )  # fmt: skip
     groups, _, width = y.shape
     yt = transpose(y) if interpret else y  # the interpreter takes no transposed operands
     z_cols = z.shape[-1]
@@ -532,7 +534,7 @@ def transpose(x: jax.Array) -> jax.Array:
 
 
 def _entering_states(
-    params, y, z, boundary, slopes, tiling, seq_len, interpret, reverse, segments=None
+    params, y, z, boundary, slopes, tiling, seq_len, interpret, reverse, segments=None, exact=False
 ):
     """The state entering each split: a state-only pass, then `_combine`."""
     if tiling.splits == 1:
@@ -548,21 +550,24 @@ def _entering_states(
         reverse=reverse,
         interpret=interpret,
         seg=_segment_table(segments, tiling),
+        exact=exact,
     )
     keeps = _split_keeps(segments, tiling)
     return _combine(local, boundary, slopes, tiling, seq_len, reverse, keeps)
 
 
-def _forward(q, k, v, slopes, s0, tiling, seq_len, interpret, segments=None):
+def _forward(q, k, v, slopes, s0, tiling, seq_len, interpret, segments=None, exact=False):
     """Padded [G, N, Dp] operands -> o [G, N, Ep], final state [G, Dp, Ep] float32.
 
     segments: None, or the (counts, before) pair of `segment_tables` [G, N] int32.
+    exact: float32 inputs multiply in 3-pass TF32 (precision="highest").
     """
     params = _params(slopes, tiling, seq_len)
     ks, vs = _split(k, tiling), _split(v, tiling)
     starts, final = _entering_states(
-        params, ks, vs, s0, slopes, tiling, seq_len, interpret, reverse=False, segments=segments
-    )
+        params, ks, vs, s0, slopes, tiling, seq_len, interpret, reverse=False, segments=segments,
+        exact=exact,
+    )  # fmt: skip
     o, last = _sweep(
         params,
         _split(q, tiling),
@@ -573,11 +578,14 @@ def _forward(q, k, v, slopes, s0, tiling, seq_len, interpret, segments=None):
         reverse=False,
         interpret=interpret,
         seg=_segment_table(segments, tiling),
+        exact=exact,
     )
     return o.reshape(v.shape), last if final is None else final
 
 
-def _backward(q, k, v, slopes, s0, do, dstate, tiling, seq_len, interpret, segments=None):
+def _backward(
+    q, k, v, slopes, s0, do, dstate, tiling, seq_len, interpret, segments=None, exact=False
+):
     """Algorithm 2 in three passes (module docstring): dQ forward; dV and dK in reverse.
 
     Every pass cuts its decays with the same segment table: the reverse passes swap
@@ -585,7 +593,11 @@ def _backward(q, k, v, slopes, s0, do, dstate, tiling, seq_len, interpret, segme
     """
     params = _params(slopes, tiling, seq_len)
     sweep = functools.partial(
-        _sweep, block=tiling.block, interpret=interpret, seg=_segment_table(segments, tiling)
+        _sweep,
+        block=tiling.block,
+        interpret=interpret,
+        seg=_segment_table(segments, tiling),
+        exact=exact,
     )
     states = functools.partial(
         _entering_states,
@@ -594,6 +606,7 @@ def _backward(q, k, v, slopes, s0, do, dstate, tiling, seq_len, interpret, segme
         seq_len=seq_len,
         interpret=interpret,
         segments=segments,
+        exact=exact,
     )
     qs, ks, vs, dos = (_split(x, tiling) for x in (q, k, v, do))
     starts_t, _ = states(params, vs, ks, transpose(s0), reverse=False)  # KV^T entering each split
@@ -605,10 +618,17 @@ def _backward(q, k, v, slopes, s0, do, dstate, tiling, seq_len, interpret, segme
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), ds0
 
 
-_lightning = kernel_op(_forward, _backward)
-_lightning_segmented = kernel_op(_forward, _backward, segmented=True)
-
 PRECISIONS = ("default", "highest")
+# (precision, segmented) -> the op; "highest" changes only float32 inputs (3-pass TF32).
+_LIGHTNING = {
+    (name, segmented): kernel_op(
+        functools.partial(_forward, exact=name == "highest"),
+        functools.partial(_backward, exact=name == "highest"),
+        segmented=segmented,
+    )
+    for name in PRECISIONS
+    for segmented in (False, True)
+}
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "interpret", "precision", "seq_splits"))
@@ -628,8 +648,8 @@ def lightning_attention_mosaic_gpu(
     """Pallas/Mosaic GPU Lightning Attention-2 on checked inputs; returns (o, final_state).
 
     Args:
-      q, k: `[B, H, T, D]`; v: `[B, H, T, E]` (bfloat16 or float16 on the GPU;
-        float32 in the interpreter only, see Raises). D, E <= 256.
+      q, k: `[B, H, T, D]`; v: `[B, H, T, E]`: bfloat16 or float16 (the 16-bit
+        kernels), or float32 (the TF32 kernels of `mosaic_gpu_f32`). D, E <= 256.
       slopes: float32 `[H]`.
       initial_state: `[B, H, D, E]`, used in float32.
       block_size: rows per block, at most 64. The kernel's blocks are always 64
@@ -638,8 +658,9 @@ def lightning_attention_mosaic_gpu(
       interpret: run the kernels in Mosaic GPU's CPU interpreter (with its race
         detector on) instead of compiling them for the GPU.
       precision: "default" or "highest"; the matmul precision for float32
-        inputs (bf16/f16 inputs always multiply in their dtype with float32
-        accumulation).
+        inputs: "default" is TF32 on the GPU (exact float32 in the interpreter),
+        "highest" runs only in the interpreter (see Raises). bf16/f16 inputs
+        always multiply in their dtype with float32 accumulation.
       seq_splits: split the sequence into this many pieces, each run by its own
         programs after a state-only pass (None: `choose_tiling` decides, splitting
         only when batch x heads leaves SMs idle). Changes no result beyond rounding.
@@ -654,12 +675,11 @@ def lightning_attention_mosaic_gpu(
     Raises:
       ValueError: D or E above 256, T >= 2^24, block_size above 64, an unknown
         precision, seq_splits < 1.
-      NotImplementedError: float32 inputs with interpret=False. Hopper's TF32
-        wgmma takes only K-major shared-memory operands, and this kernel's
-        operands are laid out for the 16-bit path (the layout the interpreter
-        can run); neither precision="default" (TF32) nor "highest" is
-        implemented for float32 on the GPU yet. Use bfloat16/float16 inputs or
-        impl="triton".
+      NotImplementedError: float32 inputs with precision="highest" and
+        interpret=False: Hopper's wgmma multiplies float32 only at TF32, and a
+        split-TF32 (3-pass) kernel, whose split operands double the shared
+        memory of every tile, is not built. Use precision="default", or
+        impl="triton" or impl="xla" for exact float32 matmuls.
     """
     batch, heads, n, d = q.shape
     e = v.shape[-1]
@@ -679,12 +699,6 @@ def lightning_attention_mosaic_gpu(
     if n >= MAX_SEQ:  # the kernels read each sequence's length as a float32
         raise ValueError(f"the Mosaic GPU kernel takes seq < {MAX_SEQ}, got q [..., {n}, {d}]")
     dtype = q.dtype
-    if dtype == jnp.float32 and precision == "highest" and not interpret:
-        raise NotImplementedError(
-            "impl='mosaic_gpu' with float32 inputs and precision='highest' is not implemented "
-            "on the GPU (its wgmma multiplies float32 at TF32 only). Use precision='default' "
-            "(TF32), or impl='triton' or impl='xla' for exact float32 matmuls."
-        )
     tiling = choose_tiling(batch * heads, e, n, seq_splits)
     k, v = k.astype(dtype), v.astype(dtype)
     padded = flatten_and_pad(
@@ -697,9 +711,10 @@ def lightning_attention_mosaic_gpu(
         round_up(d, DIM_ALIGN),
         round_up(e, DIM_ALIGN),
     )
+    precision = precision if dtype == jnp.float32 else "default"  # 16-bit: one kernel
     if segment_ids is None:
-        o, state = _lightning(*padded, tiling, n, interpret)
+        o, state = _LIGHTNING[precision, False](*padded, tiling, n, interpret)
     else:
         segments = segment_tables(segment_ids, heads, padded.q.shape[1])
-        o, state = _lightning_segmented(*padded, segments, tiling, n, interpret)
+        o, state = _LIGHTNING[precision, True](*padded, segments, tiling, n, interpret)
     return unpad(o, state, batch, heads, n, d, e)

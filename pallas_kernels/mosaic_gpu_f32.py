@@ -39,23 +39,43 @@ from pallas_kernels import mosaic_gpu as mgpu
 
 CHUNK = 32  # columns of the width per wgmma: one 128-byte swizzle row of float32
 F32 = 4  # bytes
+SMEM_LIMIT = 227 * 1024  # Hopper's shared memory per block (Mosaic GPU: 232448 bytes)
+HEAD_MASK = -(1 << 13)  # 0xFFFFE000: float32 bits a TF32 number keeps (19 of 32)
 
 
-def smem_bytes(block: int, width: int, slots: int, state_only: bool, segmented: bool) -> int:
+def smem_bytes(
+    block: int, width: int, slots: int, state_only: bool, segmented: bool, split: bool = False
+) -> int:
     """Shared memory of one program (bytes): chunk buffers, Z^T, decayed Z^T, S^T, and
-    (unless state only) P, the output staging tile and the decay mask."""
-    tile = mgpu.TILE
-    per_slot = ((0 if state_only else 2 * block * CHUNK) + CHUNK * block) * F32
-    fixed = 2 * tile * block * F32 + tile * width * F32
-    fixed += 0 if state_only else (2 * block * block + block * tile) * F32
+    (unless state only) P, the decay mask and the output staging tile. `split`
+    (precision="highest"): every operand tile twice (TF32 head and rest), Z^T and its
+    decayed copy in one buffer, the output staged in P's, and S^T's chunk split."""
+    tile, parts = mgpu.TILE, 2 if split else 1
+    per_slot = parts * ((0 if state_only else 2 * block * CHUNK) + CHUNK * block) * F32
+    fixed = (1 if split else 2) * parts * tile * block * F32 + tile * width * F32
+    if not state_only:
+        fixed += (parts + 1) * block * block * F32  # P, the mask
+        fixed += (parts * tile * CHUNK if split else block * tile) * F32  # S^T chunk | o
     fixed += block * F32 + (mgpu.SEGMENT_ROWS * block * 4 if segmented else 0)
     return fixed + slots * per_slot
 
 
-def chunk_slots(block: int, width: int, state_only: bool, segmented: bool) -> int:
+def chunk_slots(block: int, width: int, state_only: bool, segmented: bool, split: bool = False):
     """2 (prefetch the next chunk while this one computes) when shared memory allows, else 1."""
-    fits = smem_bytes(block, width, 2, state_only, segmented) <= mgpu.SMEM_BUDGET
+    fits = smem_bytes(block, width, 2, state_only, segmented, split) <= mgpu.SMEM_BUDGET
     return 2 if fits else 1
+
+
+def tf32_split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x = head + rest exactly: head keeps x's top 19 bits (a TF32 number), rest the others.
+
+    head @ b_head + head @ b_rest + rest @ b_head (3 TF32 products) is a @ b to about
+    2^-22 relative: the 3-pass scheme behind precision="highest" (the rest's own TF32
+    rounding and the dropped rest @ rest are both of that order).
+    """
+    bits = lax.bitcast_convert_type(x, jnp.int32) & HEAD_MASK
+    head = lax.bitcast_convert_type(bits, jnp.float32)
+    return head, x - head
 
 
 def _b_operand(ref, scratch, interpret: bool):
@@ -71,54 +91,64 @@ def _b_operand(ref, scratch, interpret: bool):
 
 
 def _sweep_kernel(
-    *refs, block: int, reverse: bool, state_only: bool, interpret: bool, segmented: bool
+    *refs,
+    block: int,
+    reverse: bool,
+    state_only: bool,
+    interpret: bool,
+    segmented: bool,
+    split: bool,
 ):
     """One program: group g, Z-column tile t; walks every block of its sequence.
 
     refs: params [G, block] f32 (slope, real length), X [G, N, A] and Y [G, N, A]
-    (both absent when state_only), Yt [G, A, N], Zt [G, Zc, N], St0 [G, Zc, A],
-    segment table [G, 2, N] int32 (only when segmented); outputs: out [G, N, Zc]
-    (absent when state_only), final St [G, Zc, A]. All float32 but the table.
+    (both absent when state_only), Yt [G, A, N], Zt [G, Zc, N] (each as its TF32
+    head and rest, two refs, when `split`), St0 [G, Zc, A], segment table
+    [G, 2, N] int32 (only when segmented); outputs: out [G, N, Zc] (absent when
+    state_only), final St [G, Zc, A]. All float32 but the table.
     """
-    num_inputs = (4 if state_only else 6) + segmented
+    parts = 2 if split else 1
+    names = ("yt", "zt") if state_only else ("x", "y", "yt", "zt")
+    num_inputs = 2 + parts * len(names) + segmented
     inputs, outputs = refs[:num_inputs], refs[num_inputs:]
+    params_ref, st0_ref = inputs[0], inputs[1 + parts * len(names)]
     seg_ref = inputs[-1] if segmented else None
-    if state_only:
-        params_ref, yt_ref, zt_ref, st0_ref = inputs[:4]
-        (st_ref,) = outputs
-        x_ref = y_ref = out_ref = None
-    else:
-        params_ref, x_ref, y_ref, yt_ref, zt_ref, st0_ref = inputs[:6]
-        out_ref, st_ref = outputs
+    operand = {n: inputs[1 + parts * i : 1 + parts * (i + 1)] for i, n in enumerate(names)}
+    out_ref, st_ref = (None, *outputs) if state_only else outputs
     tile = mgpu.TILE
-    width = yt_ref.shape[1]  # A: the state's (untransposed) rows
-    num_blocks = zt_ref.shape[-1] // block
+    width = operand["yt"][0].shape[1]  # A: the state's (untransposed) rows
+    num_blocks = operand["zt"][0].shape[-1] // block
     num_chunks = width // CHUNK  # even: width is a multiple of 64
     g = lax.axis_index("g")
     cols = pl.ds(lax.axis_index("t") * tile, tile)
-    slots = chunk_slots(block, width, state_only, segmented)
+    slots = chunk_slots(block, width, state_only, segmented, split)
     iota = functools.partial(mgpu.layout_iota, interpret=interpret)
     counts_along = functools.partial(mgpu.run_counts, interpret=interpret)
-    # Barriers: params, state, Z^T, segment table; then X, Y, Y^T per chunk slot.
-    bar_params, bar_state, bar_zt, bar_seg, bar_chunks = 0, 1, 2, 3, 4
+    # Barriers: params, state, segment table, Z^T's parts; then X, Y, Y^T's parts per slot.
+    bar_params, bar_state, bar_seg, bar_zt = 0, 1, 2, 3
+    bar_chunks = bar_zt + parts
+    # The products: head @ head (+ head @ rest + rest @ head when split).
+    terms = ((0, 0), (0, 1), (1, 0)) if split else ((0, 0),)
 
-    def scoped(
-        x_s,
-        y_s,
-        yt_s,
-        zt_s,
-        zs_s,
-        st_s,
-        p_s,
-        o_s,
-        mask_s,
-        dec_s,
-        params_s,
-        seg_s,
-        scratch,
-        barriers,
-    ):
-        b_op = functools.partial(_b_operand, interpret=interpret)
+    def scoped(*scratch_refs):
+        (x_s, y_s, yt_s, zt_s, zs_s, st_s, inter_s, p_s, o_s, mask_s, dec_s, params_s, seg_s,
+         scratch, barriers) = scratch_refs  # fmt: skip
+        zs_s = zt_s if zs_s is None else zs_s  # split: decayed Z^T over Z^T
+
+        def mm(acc, a, b, b_scratch):
+            """acc += a @ b over the parts: a [parts, M, K], b stored [parts, N, K]."""
+            for i, j in terms:
+                b_view = _b_operand(b[j], b_scratch.at[j] if interpret else None, interpret)
+                plgpu.wgmma(acc, a[i], b_view)
+
+        def split_store(ref, value):
+            """value into ref [parts, ...]: as it is, or its TF32 head and rest."""
+            for part, x in zip(range(parts), tf32_split(value) if split else (value,)):
+                ref.at[part][...] = x
+
+        def parts_of(ref):
+            return [ref.at[part] for part in range(parts)]
+
         plgpu.copy_gmem_to_smem(params_ref.at[g], params_s, barriers.at[bar_params])
         plgpu.copy_gmem_to_smem(st0_ref.at[g, cols, :], st_s, barriers.at[bar_state])
         plgpu.barrier_wait(barriers.at[bar_params])
@@ -136,33 +166,56 @@ def _sweep_kernel(
             )
         plgpu.commit_smem()
 
+        def block_rows(step):
+            return pl.ds((num_blocks - 1 - step if reverse else step) * block, block)
+
         def load_chunk(step, i, slot: int):
             """TMA copies of chunk i (traced) of block `step`'s X, Y and Y^T tiles."""
-            c = num_blocks - 1 - step if reverse else step
-            rows, chunk = pl.ds(c * block, block), pl.ds(i * CHUNK, CHUNK)
-            bar = bar_chunks + 3 * slot
-            if not state_only:
-                plgpu.copy_gmem_to_smem(x_ref.at[g, rows, chunk], x_s.at[slot], barriers.at[bar])
+            rows, chunk = block_rows(step), pl.ds(i * CHUNK, CHUNK)
+            bar = bar_chunks + 3 * parts * slot
+            for part in range(parts):
+                if not state_only:
+                    plgpu.copy_gmem_to_smem(
+                        operand["x"][part].at[g, rows, chunk],
+                        x_s.at[slot, part],
+                        barriers.at[bar + part],
+                    )
+                    plgpu.copy_gmem_to_smem(
+                        operand["y"][part].at[g, rows, chunk],
+                        y_s.at[slot, part],
+                        barriers.at[bar + parts + part],
+                    )
                 plgpu.copy_gmem_to_smem(
-                    y_ref.at[g, rows, chunk], y_s.at[slot], barriers.at[bar + 1]
+                    operand["yt"][part].at[g, chunk, rows],
+                    yt_s.at[slot, part],
+                    barriers.at[bar + 2 * parts + part],
                 )
-            plgpu.copy_gmem_to_smem(yt_ref.at[g, chunk, rows], yt_s.at[slot], barriers.at[bar + 2])
 
         def wait_chunk(slot: int):
-            bar = bar_chunks + 3 * slot
-            if not state_only:
-                plgpu.barrier_wait(barriers.at[bar])
-                plgpu.barrier_wait(barriers.at[bar + 1])
-            plgpu.barrier_wait(barriers.at[bar + 2])
+            bar = bar_chunks + 3 * parts * slot
+            for k in range(2 * parts if state_only else 0, 3 * parts):  # (X, Y,) Y^T parts
+                plgpu.barrier_wait(barriers.at[bar + k])
+
+        def load_z(step):
+            for part in range(parts):
+                plgpu.copy_gmem_to_smem(
+                    operand["zt"][part].at[g, cols, block_rows(step)],
+                    zt_s.at[part],
+                    barriers.at[bar_zt + part],
+                )
+
+        def wait_z():
+            for part in range(parts):
+                plgpu.barrier_wait(barriers.at[bar_zt + part])
 
         if slots == 2:
             load_chunk(0, 0, 0)
 
         def body(step, carry):
             c = num_blocks - 1 - step if reverse else step
-            rows = pl.ds(c * block, block)
+            rows = block_rows(step)
             # The previous block's wgmmas are done (their accumulators were read).
-            plgpu.copy_gmem_to_smem(zt_ref.at[g, cols, rows], zt_s, barriers.at[bar_zt])
+            load_z(step)
             if segmented:
                 plgpu.copy_gmem_to_smem(seg_ref.at[g, :, rows], seg_s, barriers.at[bar_seg])
             length = jnp.clip(seq_len - c * block, 0, block)  # real rows in this block
@@ -194,8 +247,17 @@ def _sweep_kernel(
             # Zs^T [T, C]: Z^T with each block row (a column here) decayed to the state.
             first, last = row_decays(1)
             upd_dec = lax.broadcast_in_dim(first if reverse else last, (tile, block), [1])
-            plgpu.barrier_wait(barriers.at[bar_zt])
-            zs_s[...] = zt_s[...] * upd_dec
+            wait_z()
+            z_t = zt_s.at[0][...]
+            if split:
+                z_t = z_t + zt_s.at[1][...]  # head + rest: exact
+            split_store(zs_s, z_t * upd_dec)  # split: over Z^T (reloaded for P Z)
+            if split and not state_only:
+                # P's tiles hold the state's chunks in the width loop (and P's head stages the
+                # output: its store must be done); inter accumulates in inter_s.
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                zeros = jnp.zeros((block, tile), jnp.float32)
+                inter_s[...] = zeros if interpret else plgpu.layout_cast(zeros, plgpu.Layout.WGMMA)
             plgpu.commit_smem()
 
             def chunk_step(i, slot: int, acc_scores=None, acc_inter=None):
@@ -218,11 +280,29 @@ def _sweep_kernel(
                         load_chunk(step + 1, 0, 0)
 
                 if not state_only:
-                    plgpu.wgmma(acc_scores, x_s.at[slot], b_op(y_s.at[slot], scratch[0]))
-                    plgpu.wgmma(acc_inter, x_s.at[slot], b_op(st_s.at[:, chunk], scratch[1]))
+                    if split:  # the old state's chunk as head and rest, in P's free tile
+                        state_parts = [p_s.at[0, :, pl.ds(part * CHUNK, CHUNK)] for part in (0, 1)]
+                        for part, x in zip(state_parts, tf32_split(st_s[:, chunk])):
+                            part[...] = x
+                        plgpu.commit_smem()
+                    else:
+                        state_parts = [st_s.at[:, chunk]]
+                    x_parts = parts_of(x_s.at[slot])
+                    mm(acc_scores, x_parts, parts_of(y_s.at[slot]), scratch[0])
+                    if split:
+                        # inter accumulates in shared memory: a third accumulator held across
+                        # the loop with the split's extra operands made ptxas spill.
+                        def inter_mm(acc):
+                            mm(acc, x_parts, state_parts, scratch[1])
+                            return acc[...]
+
+                        inter_c = pl.run_scoped(inter_mm, plgpu.ACC((block, tile), jnp.float32))
+                        inter_s[...] = inter_s[...] + inter_c
+                    else:
+                        mm(acc_inter, x_parts, state_parts, scratch[1])
 
                 def update_mm(acc):
-                    plgpu.wgmma(acc, zs_s, b_op(yt_s.at[slot], scratch[2]))
+                    mm(acc, parts_of(zs_s), parts_of(yt_s.at[slot]), scratch[2])
                     return acc[...]  # waits for every wgmma in flight (inter's read of S^T)
 
                 update = pl.run_scoped(update_mm, plgpu.ACC((tile, CHUNK), jnp.float32))
@@ -244,11 +324,11 @@ def _sweep_kernel(
                 width_loop()
                 return carry
 
-            scores, inter = pl.run_scoped(
-                width_loop,
-                plgpu.ACC((block, block), jnp.float32),
-                plgpu.ACC((block, tile), jnp.float32),
-            )
+            accs = [plgpu.ACC((block, block), jnp.float32)]  # scores (, inter)
+            accs += [] if split else [plgpu.ACC((block, tile), jnp.float32)]
+            scores, *inter = pl.run_scoped(width_loop, *accs)
+            if split:  # Z^T again, over its decayed copy (no wgmma reads that any more)
+                load_z(step)
             mask = mask_s[...]
             if segmented:  # rows i, j interact only within one run (equal counts)
                 shape = (block, block)
@@ -256,65 +336,73 @@ def _sweep_kernel(
                     seg_s.at[0], 1, shape
                 )
                 mask = jnp.where(same_run, mask, 0.0)
-            p_s[...] = scores * mask
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the output staging tile is free
+            split_store(p_s, scores * mask)
             plgpu.commit_smem()
+            if split:
+                wait_z()
 
             def intra_mm(acc):
-                plgpu.wgmma(acc, p_s, b_op(zt_s, scratch[3]))
+                mm(acc, parts_of(p_s), parts_of(zt_s), scratch[3])
                 return acc[...]
 
             intra = pl.run_scoped(intra_mm, plgpu.ACC((block, tile), jnp.float32))
             first, last = row_decays(0)
             out_dec = lax.broadcast_in_dim(last if reverse else first, (block, tile), [0])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_s is free again
-            o_s[...] = intra + out_dec * inter
+            out_s = p_s.at[0] if split else o_s  # split: staged in P's head (P is used)
+            inter = inter_s[...] if split else inter[0]
+            out_s[...] = intra + out_dec * inter
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_s, out_ref.at[g, rows, cols])
+            plgpu.copy_smem_to_gmem(out_s, out_ref.at[g, rows, cols])
             return carry
 
         lax.fori_loop(0, num_blocks, body, None)
         plgpu.copy_smem_to_gmem(st_s, st_ref.at[g, cols, :])
         plgpu.wait_smem_to_gmem(0)
 
-    smem = mgpu.smem_tile
+    def smem(*shape):
+        return mgpu.smem_tile(shape, jnp.float32)
+
     # Interpreted, the B operands' transposes: Y chunk, S^T chunk, Y^T chunk, Z^T.
-    scratch = (
-        [
-            smem((CHUNK, block), jnp.float32),
-            smem((CHUNK, tile), jnp.float32),
-            smem((block, CHUNK), jnp.float32),
-            smem((block, tile), jnp.float32),
-        ]
-        if interpret
-        else [None] * 4
-    )
+    scratch = [
+        smem(parts, CHUNK, block) if interpret else None,
+        smem(parts, CHUNK, tile) if interpret else None,
+        smem(parts, block, CHUNK) if interpret else None,
+        smem(parts, block, tile) if interpret else None,
+    ]
+    full = not state_only
+    zt_s = smem(parts, tile, block)  # Z^T
     pl.run_scoped(
         scoped,
-        None if state_only else smem((slots, block, CHUNK), jnp.float32),  # x_s
-        None if state_only else smem((slots, block, CHUNK), jnp.float32),  # y_s
-        smem((slots, CHUNK, block), jnp.float32),  # yt_s
-        smem((tile, block), jnp.float32),  # zt_s: Z^T
-        smem((tile, block), jnp.float32),  # zs_s: decayed Z^T
-        smem((tile, width), jnp.float32),  # st_s: the state S^T
-        None if state_only else smem((block, block), jnp.float32),  # p_s: masked scores
-        None if state_only else smem((block, tile), jnp.float32),  # o_s: output staging
-        None if state_only else smem((block, block), jnp.float32),  # mask_s: decay mask
+        smem(slots, parts, block, CHUNK) if full else None,  # x_s
+        smem(slots, parts, block, CHUNK) if full else None,  # y_s
+        smem(slots, parts, CHUNK, block),  # yt_s
+        zt_s,
+        None if split else smem(parts, tile, block),  # zs_s: decayed Z^T (split: in zt_s)
+        smem(tile, width),  # st_s: the state S^T
+        smem(block, tile) if full and split else None,  # inter_s: inter, split
+        smem(parts, block, block) if full else None,  # p_s: masked scores
+        smem(block, tile) if full and not split else None,  # o_s: output staging
+        smem(block, block) if full else None,  # mask_s: decay mask
         plgpu.SMEM((block,), jnp.float32),  # dec_s: lambda^(i+1) per row
         plgpu.SMEM((block,), jnp.float32),  # params_s
         plgpu.SMEM((mgpu.SEGMENT_ROWS, block), jnp.int32) if segmented else None,  # seg_s
         scratch,
-        plgpu.Barrier(num_barriers=bar_chunks + 3 * slots),
+        plgpu.Barrier(num_barriers=bar_chunks + 3 * parts * slots),
     )
 
 
-def sweep(params, x, y, z, state0, *, block, reverse, interpret, seg=None):
-    """`mosaic_gpu._sweep` for float32 operands (same arguments and results).
+def sweep(params, x, y, z, state0, *, block, reverse, interpret, seg=None, split=False):
+    """`mosaic_gpu._sweep` for float32 operands (same arguments and results); `split`:
+    the 3-pass TF32 products of precision="highest".
 
     Transposes Y and Z for the kernel (module docstring), and the state in and out.
     """
     groups, _, width = y.shape
     z_cols = z.shape[-1]
     state_only = x is None
+    if split and smem_bytes(block, width, 1, state_only, seg is not None, True) > SMEM_LIMIT:
+        raise ValueError(f"the split-TF32 sweep does not fit in shared memory at width {width}")
     kernel = functools.partial(
         _sweep_kernel,
         block=block,
@@ -322,22 +410,22 @@ def sweep(params, x, y, z, state0, *, block, reverse, interpret, seg=None):
         state_only=state_only,
         interpret=bool(interpret),
         segmented=seg is not None,
+        split=split,
     )
     state_type = jax.ShapeDtypeStruct((groups, z_cols, width), jnp.float32)
     out_type = (state_type,) if state_only else (jax.ShapeDtypeStruct(z.shape, z.dtype), state_type)
     name = "lightning_states_f32" if state_only else "lightning_sweep_f32"
-    operands = (y, mgpu.transpose(y), mgpu.transpose(z), mgpu.transpose(state0))
+    operands = [mgpu.transpose(y), mgpu.transpose(z)]
+    operands = operands if state_only else [x, y, *operands]
+    if split:
+        operands = [part for a in operands for part in tf32_split(a)]
     outs = plgpu.kernel(
         kernel,
         out_type=out_type,
         grid=(groups, z_cols // mgpu.TILE),
         grid_names=("g", "t"),
         interpret=mgpu.interpret_params() if interpret else False,
-        kernel_name=name + ("_reverse" if reverse else ""),
-    )(
-        params,
-        *(operands[1:] if state_only else (x, *operands)),
-        *(() if seg is None else (seg,)),
-    )
+        kernel_name=name + ("_split" if split else "") + ("_reverse" if reverse else ""),
+    )(params, *operands, mgpu.transpose(state0), *(() if seg is None else (seg,)))
     final = mgpu.transpose(outs[-1])
     return (None, final) if state_only else (outs[0], final)

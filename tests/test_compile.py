@@ -103,7 +103,9 @@ def test_compiles(job, rows):
         assert kernel.get("registers"), kernel  # ptxas ran on it
         # Tensor cores for bf16 and for float32 at the default (TF32) precision.
         assert kernel.get("wgmma", 0) + kernel.get("mma", 0) > 0, kernel
-        if job.dtype == "bfloat16":
+        # No spills in bf16 anywhere, nor in Mosaic GPU's float32 (TF32) kernels; Triton's
+        # float32 kernels spill (README, compile facts).
+        if job.dtype == "bfloat16" or job.impl == "mosaic_gpu":
             assert compile_report.spill_bytes(kernel) == 0, kernel
 
 

@@ -13,14 +13,17 @@ kernels; Mosaic TPU's forward, dQ and dK-dV kernels; the Mosaic GPU sweep, in or
 and reversed) and the XLA path (between chunks, and between blocks inside a chunk),
 the precision bug the suite missed before the derived tolerances; a final state
 rounded once; segment ids whose state is not reset, or whose intra-block mask is not
-cut, at a run boundary (Triton, Mosaic TPU, XLA); a query decay off by one row; a
-sequence-parallel combine decayed one row too many; the benchmark's FLOP count back
-to its d == e-only formula.
+cut, at a run boundary (Triton, Mosaic TPU, XLA, both Mosaic GPU sweeps); Mosaic GPU's
+float32 (TF32) sweep with its state not decayed, its next-block prefetch taken from
+the wrong block, or precision="highest"'s split products reduced to TF32's one; a
+query decay off by one row; a sequence-parallel combine decayed one row too many; the
+benchmark's FLOP count back to its d == e-only formula.
 
 Each mutation runs the smallest test selection that honestly catches it: the exact
 float32-state probe plus the derived-tolerance cases that carry a state across many
 blocks (2048 and 4096 rows) for the roundings (the probe alone for Mosaic GPU, whose
-interpreter is slow), the boundary-at-every-offset test for segment ids.
+interpreter is slow), the boundary-at-every-offset test for segment ids (Mosaic GPU:
+at every offset of its 64-row block, in the dtype of the sweep mutated).
 Without --only the results are written to results/mutation_check.json and .md.
 
   python experiments/mutation_check.py --nocontrol      # skip the unmodified runs
@@ -178,8 +181,9 @@ MUTATIONS = [
         ("tests/test_mosaic_gpu.py", "-k", MOSAIC_GPU_TESTS),
     ),
     # The TF32 sweep (float32 inputs, mosaic_gpu_f32) carries float32 by construction; its
-    # own bugs: the state chunk not decayed between blocks, and the prefetch of the next
-    # block's first chunk taken from this block (a stale tile in every block after the first).
+    # own bugs: the state chunk not decayed between blocks, the prefetch of the next
+    # block's first chunk taken from this block (a stale tile in every block after the
+    # first), and precision="highest"'s split products reduced to head @ head (TF32).
     Mutation(
         "mosaic_gpu_f32_state_not_decayed",
         "pallas_kernels/mosaic_gpu_f32.py",
@@ -193,6 +197,13 @@ MUTATIONS = [
         "load_chunk(step + 1, 0, 0)",
         "load_chunk(step, 0, 0)",
         ("tests/test_mosaic_gpu.py", "-k", MOSAIC_GPU_F32_TESTS),
+    ),
+    Mutation(
+        "mosaic_gpu_f32_split_rest_terms_dropped",
+        "pallas_kernels/mosaic_gpu_f32.py",
+        "terms = ((0, 0), (0, 1), (1, 0)) if split else ((0, 0),)",
+        "terms = ((0, 0),)",
+        ("tests/test_mosaic_gpu.py", "-k", "test_highest_precision_float32_matches_reference"),
     ),
     Mutation(
         "xla_fwd_chunk_state_rounded",

@@ -211,6 +211,59 @@ def test_segment_boundary_at_offsets_of_a_kernel_block(dtype):
     _check_against_reference(fn, slopes, q, k, v, s0, do, ds, ids)
 
 
+@pytest.mark.parametrize("segmented", [False, True], ids=["plain", "segmented"])
+def test_highest_precision_float32_matches_reference(segmented):
+    """precision="highest" with float32: the split-TF32 sweep (each product as three TF32
+    products of the operands' heads and rests) against the reference to F32_TOL.
+
+    The interpreter multiplies exactly, so this checks the split and its layouts (one
+    chunk buffer, Z^T reloaded over its decayed copy, the output staged in P's head,
+    inter summed in shared memory): without the rest terms TF32's error (~1e-3) would
+    fail it. d = 256 (plain), and sequence splits with segment ids (segmented).
+    """
+    if segmented:
+        b, h, n, d, e, splits = 1, 2, 450, 60, 24, 4
+        ids = _boundary_ids(b, n, [70, 256, 300, 301])
+        slopes = jnp.array([0.01, 0.3], jnp.float32)
+    else:
+        b, h, n, d, e, splits, ids = 1, 2, 130, 256, 64, None, None
+        slopes = make_slopes("strong", h)
+    q, k, v, s0, do, ds = make_inputs(14, b, h, n, d, e)
+
+    def fn(q, k, v, s0):
+        return mosaic_gpu.lightning_attention_mosaic_gpu(
+            q, k, v, slopes, s0, interpret=True, precision="highest", seq_splits=splits,
+            segment_ids=ids,
+        )  # fmt: skip
+
+    _check_against_reference(fn, slopes, q, k, v, s0, do, ds, ids)
+
+
+def test_tf32_split_is_exact_and_three_products_are_float32_accurate():
+    """`tf32_split`: the head is a TF32 number (low 13 bits zero), head + rest is x
+    exactly, and the three products the split sweep sums (the rest rounded to TF32 by
+    the tensor cores, here by truncation) give a @ b to ~2^-20, where head @ head alone
+    (what TF32 gives) is off by ~2^-11."""
+    keys = jax.random.split(jax.random.PRNGKey(15), 3)
+    scale = jnp.exp2(jax.random.randint(keys[2], (64, 1), -60, 60).astype(jnp.float32))
+    a = jax.random.normal(keys[0], (64, 64), jnp.float32) * scale
+    b = jax.random.normal(keys[1], (64, 64), jnp.float32)
+    a_head, a_rest = mosaic_gpu_f32.tf32_split(a)
+    b_head, b_rest = mosaic_gpu_f32.tf32_split(b)
+    assert not np.any(np.asarray(a_head).view(np.int32) & 0x1FFF)
+    np.testing.assert_array_equal(
+        np.asarray(a_head, np.float64) + np.asarray(a_rest, np.float64), np.asarray(a, np.float64)
+    )
+    f64 = functools.partial(np.asarray, dtype=np.float64)
+    tf32 = lambda x: f64(mosaic_gpu_f32.tf32_split(x)[0])  # noqa: E731
+    exact = f64(a) @ f64(b)
+    three = f64(a_head) @ f64(b_head) + f64(a_head) @ tf32(b_rest) + tf32(a_rest) @ f64(b_head)
+    one = f64(a_head) @ f64(b_head)
+    row_scale = np.abs(f64(a)) @ np.abs(f64(b))  # per-element error bound's scale
+    assert np.max(np.abs(three - exact) / row_scale) < 2.0**-20
+    assert np.max(np.abs(one - exact) / row_scale) > 2.0**-12
+
+
 def test_choose_tiling_fills_the_gpu():
     """Small batch x heads split the sequence to >= 2 programs per SM; large ones do not."""
     sms = mosaic_gpu.DEFAULT_NUM_SMS
@@ -243,7 +296,6 @@ def test_prefetch_buffers_fit_shared_memory():
         (dict(precision="fast"), ValueError, "precision must be one of"),
         (dict(block_size=128, interpret=True), ValueError, "block_size must be <= 64"),
         (dict(seq_splits=0), ValueError, "seq_splits must be None or >= 1"),
-        (dict(interpret=False, precision="highest"), NotImplementedError, "precision='highest'"),
     ],
 )
 def test_kernel_argument_errors(kwargs, error, match):
@@ -415,7 +467,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import lightning_jax as lj
 
-    target_file, b, h, n, d, e, dtype, splits, segmented = sys.argv[1:10]
+    target_file, b, h, n, d, e, dtype, splits, segmented, precision = sys.argv[1:11]
     b, h, n, d, e = map(int, (b, h, n, d, e))
     topo = topologies.get_topology_desc(
         platform="cuda", topology="1x1x1", target_config=open(target_file).read()
@@ -432,7 +484,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
         s0 = jnp.zeros((b, h, d, e), jnp.float32)
         o, state = lightning_attention_mosaic_gpu(
             q, k, v, slopes, s0, seq_splits=None if splits == "auto" else int(splits),
-            segment_ids=segment_ids,
+            segment_ids=segment_ids, precision=precision,
         )
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(state)
 
@@ -466,7 +518,8 @@ _BF16_COMPILES = [
 ]
 # float32 (the TF32 kernels of mosaic_gpu_f32), beside tests/test_compile.py's H200 rows
 # (d = e = 64 and 128, 100 x 60): H100, d = 256, 192 x 100 with splits, and segment ids
-# at the widest and the awkward shape.
+# at the widest and the awkward shape; precision="highest" (the split-TF32 kernels, every
+# operand tile twice) at the narrowest and the widest, and awkward with splits and segments.
 _F32_COMPILES = [
     ("h100_sxm", 2, 4, 2048, 128, 128, "1", False),
     ("h200", 1, 2, 1024, 256, 256, "1", False),
@@ -475,15 +528,25 @@ _F32_COMPILES = [
     ("h200", 1, 2, 1024, 256, 256, "1", True),
     ("h200", 1, 3, 1000, 192, 100, "auto", True),
 ]
+_F32_HIGHEST_COMPILES = [
+    ("h200", 2, 4, 2048, 64, 64, "1", False),
+    ("h200", 1, 2, 1024, 256, 256, "1", False),
+    ("h100_sxm", 1, 2, 1024, 256, 256, "1", False),
+    ("h200", 1, 3, 1000, 192, 100, "auto", True),
+]
 
 
 @pytest.mark.skipif(_cuda_compile_available() is not None, reason=str(_cuda_compile_available()))
 @pytest.mark.parametrize(
-    "target, b, h, n, d, e, splits, segmented, dtype",
-    [(*row, "bfloat16") for row in _BF16_COMPILES] + [(*row, "float32") for row in _F32_COMPILES],
+    "target, b, h, n, d, e, splits, segmented, dtype, precision",
+    [(*row, "bfloat16", "default") for row in _BF16_COMPILES]
+    + [(*row, "float32", "default") for row in _F32_COMPILES]
+    + [(*row, "float32", "highest") for row in _F32_HIGHEST_COMPILES],
     ids=lambda x: {True: "segmented", False: "plain"}.get(x) if isinstance(x, bool) else None,
 )
-def test_compiles_for_hopper_without_spills(target, b, h, n, d, e, splits, segmented, dtype):
+def test_compiles_for_hopper_without_spills(
+    target, b, h, n, d, e, splits, segmented, dtype, precision
+):
     """Forward + backward, the real deviceless compile (Mosaic GPU, ptxas -v): bf16 on the
     16-bit kernels, float32 on the TF32 ones (`mosaic_gpu_f32`)."""
     env = dict(
@@ -493,7 +556,18 @@ def test_compiles_for_hopper_without_spills(target, b, h, n, d, e, splits, segme
         MOSAIC_GPU_DUMP_PTXAS="1",
         PYTHONPATH=str(REPO),
     )
-    args = [str(GPU_TARGETS / f"{target}.txtpb"), b, h, n, d, e, dtype, splits, int(segmented)]
+    args = [
+        GPU_TARGETS / f"{target}.txtpb",
+        b,
+        h,
+        n,
+        d,
+        e,
+        dtype,
+        splits,
+        int(segmented),
+        precision,
+    ]
     result = subprocess.run(
         [sys.executable, "-c", _COMPILE_SCRIPT, *map(str, args)],
         capture_output=True,
@@ -513,3 +587,6 @@ def test_compiles_for_hopper_without_spills(target, b, h, n, d, e, splits, segme
     wgmma = {"bfloat16": ".f32.bf16.bf16", "float32": ".f32.tf32.tf32"}[dtype]
     assert ptx_modules and all("wgmma.mma_async.sync.aligned.m64" in m for m in ptx_modules)
     assert all(wgmma in m for m in ptx_modules), f"no {wgmma} wgmma"
+    # precision="highest" compiles the split-TF32 kernels, and only those.
+    split = ["_split" in name for name in kernels]
+    assert all(split) if precision == "highest" else not any(split), kernels

@@ -165,8 +165,8 @@ def lightning_attention(
         on GPU, "mosaic_tpu" on TPU, "xla" elsewhere), "xla" (chunked pure-jnp
         with the paper's backward), "triton" (Pallas, Triton lowering),
         "mosaic_tpu" (Pallas, Mosaic TPU), "mosaic_gpu" (Pallas, Mosaic GPU:
-        Hopper sm_90+ with wgmma and TMA; bf16/f16 on the GPU, any float in
-        the interpreter) or "reference" (the O(T^2) masked formula; for checks
+        Hopper sm_90+ with wgmma and TMA; bf16/f16 on tensor cores in their
+        type, float32 at TF32) or "reference" (the O(T^2) masked formula; for checks
         only). "auto" picks "mosaic_gpu" on GPUs of compute capability >= 9.0
         only once `experiments/gpu_check.sh` has passed on real Hopper-class
         hardware (recorded in `api.MOSAIC_GPU_VALIDATED`; not yet), so no user
@@ -181,7 +181,10 @@ def lightning_attention(
       precision: the matmul precision for float32 inputs. "default": the
         backend's fast float32 matmul (TF32 tensor cores on NVIDIA GPUs, the
         MXU's default bf16 passes on TPU; exact float32 on CPU). "highest":
-        exact float32 matmuls everywhere (slower on GPU and TPU). bfloat16 and
+        float32-accurate matmuls everywhere (slower on GPU and TPU): exact
+        float32 except impl="mosaic_gpu" on the GPU, which splits each operand
+        into a TF32 head and rest and sums three TF32 products (about 2^-22
+        relative error, against TF32's 2^-11). bfloat16 and
         float16 inputs always multiply in their own type with float32
         accumulation. "reference" is always exact.
       segment_ids: optional integer `[B, T]` ids for packed sequences. Only runs

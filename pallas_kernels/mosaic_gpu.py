@@ -658,8 +658,9 @@ def lightning_attention_mosaic_gpu(
       interpret: run the kernels in Mosaic GPU's CPU interpreter (with its race
         detector on) instead of compiling them for the GPU.
       precision: "default" or "highest"; the matmul precision for float32
-        inputs: "default" is TF32 on the GPU (exact float32 in the interpreter),
-        "highest" runs only in the interpreter (see Raises). bf16/f16 inputs
+        inputs: "default" multiplies at TF32 on the GPU, "highest" in split
+        TF32 (three TF32 products per product, about 2^-22 relative; slower);
+        the interpreter multiplies float32 exactly either way. bf16/f16 inputs
         always multiply in their dtype with float32 accumulation.
       seq_splits: split the sequence into this many pieces, each run by its own
         programs after a state-only pass (None: `choose_tiling` decides, splitting
@@ -675,11 +676,6 @@ def lightning_attention_mosaic_gpu(
     Raises:
       ValueError: D or E above 256, T >= 2^24, block_size above 64, an unknown
         precision, seq_splits < 1.
-      NotImplementedError: float32 inputs with precision="highest" and
-        interpret=False: Hopper's wgmma multiplies float32 only at TF32, and a
-        split-TF32 (3-pass) kernel, whose split operands double the shared
-        memory of every tile, is not built. Use precision="default", or
-        impl="triton" or impl="xla" for exact float32 matmuls.
     """
     batch, heads, n, d = q.shape
     e = v.shape[-1]

@@ -20,6 +20,17 @@ buffered when shared memory allows; the whole state S^T [64, A] stays resident.
 The state is updated and carried in float32; the tensor cores read it, like
 every operand, at TF32.
 
+precision="highest" (`split`): every product a @ b becomes three TF32 products of
+the operands' heads and rests (`tf32_split`: a = a_head + a_rest exactly),
+a_head @ b_head + a_head @ b_rest + a_rest @ b_head, accurate to about 2^-22
+relative instead of TF32's 2^-11. XLA splits X, Y, Y^T and Z^T; the kernel splits
+what it computes (decayed Z^T, P, each S^T chunk as it is used). Every operand
+tile is then twice the bytes, so that sweep has one chunk buffer, its decayed
+Z^T overwrites Z^T (reloaded by TMA for P Z), the output is staged in P's head,
+S^T's chunk splits go to P's tiles (free during the width loop) and inter is
+summed in shared memory (a third register accumulator with the split's operands
+made ptxas spill): 208 KB of shared memory at d = 256, under Hopper's 227 KB.
+
 Mosaic GPU's interpreter (jax 0.10.2) cannot run `transpose_ref`; there each B
 operand is transposed in registers into a scratch tile (`_b_operand`), so the
 interpreter runs this kernel's layouts and indexing, not a different layout.

@@ -6,11 +6,13 @@
   per forward+gradient check on the shared CPU), so the float32 grid and the
   low-precision cases are a subset of the shared ones that still covers seq 1,
   odd seq with a partial last block, d != e, d not a power of two, d = 256,
-  three e-tiles, states in and out and every gradient.
-- Sequence splits (the parallel-over-sequence path) against the reference.
+  three e-tiles, states in and out and every gradient. float32 runs the TF32
+  sweep (`mosaic_gpu_f32`), bf16/f16 the 16-bit one.
+- Sequence splits (the parallel-over-sequence path) and segment ids against the
+  reference, for both sweeps; precision="highest" (the split-TF32 sweep).
 - The real compile for H100 and H200 on this CPU machine (deviceless XLA +
-  ptxas, in a subprocess): no spills, wgmma in every kernel; skipped with the
-  reason when the CUDA plugin or ptxas is missing.
+  ptxas, in a subprocess): no spills, wgmma in every kernel (TF32 for float32);
+  skipped with the reason when the CUDA plugin or ptxas is missing.
 - `impl="auto"` with a faked GPU in both validation states.
 """
 
@@ -85,7 +87,8 @@ LOW_PRECISION_INTERPRET_CASES = [CASES[1], CASES[3]]
 
 class TestMosaicGpuInterpret(LightningOpTestBase):
     impl = "mosaic_gpu"
-    # Always the interpreter, also on a GPU backend (float32 does not run on the GPU).
+    # Always the interpreter, also on a GPU backend: there float32 runs at TF32, outside the
+    # shared suite's float32 tolerances (test_device_float32_matches_reference checks it).
     op_kwargs = {"interpret": True}
     checkpoint_ok = False  # the interpreter's ordered io_callbacks cannot be rematerialised
 

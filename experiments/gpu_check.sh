@@ -11,7 +11,7 @@
 #    check the pipeline), and exits 0.
 # 3. On a GPU: the device test subset (every implementation against the
 #    references on the real device: the XLA path, the Triton kernels, the Mosaic
-#    GPU kernels in bf16 on sm_90+), then bench_ops.py at the paper's shape
+#    GPU kernels in bf16, f16 and float32 (TF32) on sm_90+), then bench_ops.py at the paper's shape
 #    (b4 h32 d=e=128 bf16, seq 1K..64K; mosaic_gpu, triton and cuDNN flash
 #    attention as the softmax anchor; the XLA path to 16K) and at b1 h8, writing
 #    JSON and markdown tables under results/gpu_check/ (GPU_CHECK_OUT overrides).

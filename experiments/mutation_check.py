@@ -268,25 +268,18 @@ MUTATIONS = [
         "state_dec = state_dec",
         ("tests/test_mosaic_gpu.py", "-k", f"{MOSAIC_GPU_SEGMENT_TESTS} and bf16"),
     ),
-    Mutation(
+    Mutation(  # one helper cuts the mask for both sweeps
         "mosaic_gpu_segment_mask_not_cut",
         "pallas_kernels/mosaic_gpu.py",
-        "mask = jnp.where(same_run, mask, 0.0)",
-        "mask = mask",
-        ("tests/test_mosaic_gpu.py", "-k", f"{MOSAIC_GPU_SEGMENT_TESTS} and bf16"),
+        "return jnp.where(rows == cols, mask, 0.0)",
+        "return mask",
+        ("tests/test_mosaic_gpu.py", "-k", MOSAIC_GPU_SEGMENT_TESTS),
     ),
     Mutation(
         "mosaic_gpu_f32_segment_state_not_reset",
         "pallas_kernels/mosaic_gpu_f32.py",
         "state_dec = jnp.where(seg_s[1, 0] == seg_s[0, block - 1], state_dec, 0.0)",
         "state_dec = state_dec",
-        ("tests/test_mosaic_gpu.py", "-k", f"{MOSAIC_GPU_SEGMENT_TESTS} and f32"),
-    ),
-    Mutation(
-        "mosaic_gpu_f32_segment_mask_not_cut",
-        "pallas_kernels/mosaic_gpu_f32.py",
-        "mask = jnp.where(same_run, mask, 0.0)",
-        "mask = mask",
         ("tests/test_mosaic_gpu.py", "-k", f"{MOSAIC_GPU_SEGMENT_TESTS} and f32"),
     ),
     Mutation(

@@ -165,6 +165,21 @@ def run_counts(ref, dim: int, shape=None, *, interpret: bool):
     return counts if shape is None else lax.broadcast_in_dim(counts, shape, [dim])
 
 
+def decay_mask(slope, block: int, reverse: bool, *, interpret: bool):
+    """[block, block] float32: M[i, j] = lambda^(i-j) for i >= j, else 0 (reverse: M^T)."""
+    r = layout_iota((block, block), 0, interpret=interpret)
+    q = layout_iota((block, block), 1, interpret=interpret)
+    gap = (q - r) if reverse else (r - q)
+    return jnp.where(gap >= 0, jnp.exp(-slope * jnp.maximum(gap, 0).astype(jnp.float32)), 0.0)
+
+
+def cut_at_runs(mask, counts_ref, *, interpret: bool):
+    """`mask` [block, block] with pairs of rows from different runs (unequal run counts,
+    `counts_ref` a [block] row in shared memory) zeroed: rows interact only within a run."""
+    rows, cols = (run_counts(counts_ref, dim, mask.shape, interpret=interpret) for dim in (0, 1))
+    return jnp.where(rows == cols, mask, 0.0)
+
+
 def _buffer_slots(
     block: int, x_width: int, width: int, dtype, state_only: bool, segmented: bool = False
 ) -> int:
@@ -232,12 +247,7 @@ def _sweep_kernel(
         # across the loop they would crowd out the state (ptxas spills).
         dec_s[...] = jnp.exp(-slope * (iota((block, TILE), 0) + 1).astype(jnp.float32))
         if not state_only:
-            r = iota((block, block), 0)
-            q = iota((block, block), 1)
-            gap = (q - r) if reverse else (r - q)
-            mask_s[...] = jnp.where(
-                gap >= 0, jnp.exp(-slope * jnp.maximum(gap, 0).astype(jnp.float32)), 0.0
-            )
+            mask_s[...] = decay_mask(slope, block, reverse, interpret=interpret)
             for rs in state_chunks:
                 st_s[rs] = f32_s[rs].astype(dtype)
         plgpu.commit_smem()
@@ -308,12 +318,8 @@ def _sweep_kernel(
 
                 scores = pl.run_scoped(scores_mm, plgpu.ACC((block, block), jnp.float32))
                 mask = mask_s[...]
-                if segmented:  # rows i, j interact only within one run (equal counts)
-                    shape = (block, block)
-                    same_run = counts_along(seg_t.at[0], 0, shape) == counts_along(
-                        seg_t.at[0], 1, shape
-                    )
-                    mask = jnp.where(same_run, mask, 0.0)
+                if segmented:
+                    mask = cut_at_runs(mask, seg_t.at[0], interpret=interpret)
                 p_s[...] = (scores * mask).astype(dtype)
                 plgpu.commit_smem()
             plgpu.barrier_wait(barriers.at[per_slot * slot + 2])

@@ -169,12 +169,7 @@ def _sweep_kernel(
         rows = iota((block,), 0, layout=mgpu.ROW_LAYOUTS[0])
         dec_s[...] = jnp.exp(-slope * (rows + 1).astype(jnp.float32))
         if not state_only:
-            r = iota((block, block), 0)
-            q = iota((block, block), 1)
-            gap = (q - r) if reverse else (r - q)
-            mask_s[...] = jnp.where(
-                gap >= 0, jnp.exp(-slope * jnp.maximum(gap, 0).astype(jnp.float32)), 0.0
-            )
+            mask_s[...] = mgpu.decay_mask(slope, block, reverse, interpret=interpret)
         plgpu.commit_smem()
 
         def block_rows(step):
@@ -341,12 +336,8 @@ def _sweep_kernel(
             if split:  # Z^T again, over its decayed copy (no wgmma reads that any more)
                 load_z(step)
             mask = mask_s[...]
-            if segmented:  # rows i, j interact only within one run (equal counts)
-                shape = (block, block)
-                same_run = counts_along(seg_s.at[0], 0, shape) == counts_along(
-                    seg_s.at[0], 1, shape
-                )
-                mask = jnp.where(same_run, mask, 0.0)
+            if segmented:
+                mask = mgpu.cut_at_runs(mask, seg_s.at[0], interpret=interpret)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the output staging tile is free
             split_store(p_s, scores * mask)
             plgpu.commit_smem()

@@ -60,13 +60,13 @@ def smem_bytes(
     """Shared memory of one program (bytes): chunk buffers, Z^T, decayed Z^T, S^T, and
     (unless state only) P, the decay mask and the output staging tile. `split`
     (precision="highest"): every operand tile twice (TF32 head and rest), Z^T and its
-    decayed copy in one buffer, the output staged in P's, and S^T's chunk split."""
+    decayed copy in one buffer, the output staged in P's head, and a tile for inter."""
     tile, parts = mgpu.TILE, 2 if split else 1
     per_slot = parts * ((0 if state_only else 2 * block * CHUNK) + CHUNK * block) * F32
     fixed = (1 if split else 2) * parts * tile * block * F32 + tile * width * F32
     if not state_only:
         fixed += (parts + 1) * block * block * F32  # P, the mask
-        fixed += (parts * tile * CHUNK if split else block * tile) * F32  # S^T chunk | o
+        fixed += block * tile * F32  # the output staging tile (split: inter's)
     fixed += block * F32 + (mgpu.SEGMENT_ROWS * block * 4 if segmented else 0)
     return fixed + slots * per_slot
 
@@ -80,9 +80,9 @@ def chunk_slots(block: int, width: int, state_only: bool, segmented: bool, split
 def tf32_split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x = head + rest exactly: head keeps x's top 19 bits (a TF32 number), rest the others.
 
-    head @ b_head + head @ b_rest + rest @ b_head (3 TF32 products) is a @ b to about
-    2^-22 relative: the 3-pass scheme behind precision="highest" (the rest's own TF32
-    rounding and the dropped rest @ rest are both of that order).
+    a_head @ b_head + a_head @ b_rest + a_rest @ b_head (3 TF32 products) is a @ b to
+    about 2^-22 relative: the 3-pass scheme behind precision="highest" (the rests' own
+    TF32 rounding and the dropped a_rest @ b_rest are both of that order).
     """
     bits = lax.bitcast_convert_type(x, jnp.int32) & HEAD_MASK
     head = lax.bitcast_convert_type(bits, jnp.float32)
@@ -147,14 +147,14 @@ def _sweep_kernel(
         zs_s = zt_s if zs_s is None else zs_s  # split: decayed Z^T over Z^T
 
         def mm(acc, a, b, b_scratch):
-            """acc += a @ b over the parts: a [parts, M, K], b stored [parts, N, K]."""
+            """acc += A @ B from their parts (lists of refs): a's stored [M, K], b's [N, K]."""
             for i, j in terms:
                 b_view = _b_operand(b[j], b_scratch.at[j] if interpret else None, interpret)
                 plgpu.wgmma(acc, a[i], b_view)
 
         def split_store(ref, value):
             """value into ref [parts, ...]: as it is, or its TF32 head and rest."""
-            for part, x in zip(range(parts), tf32_split(value) if split else (value,)):
+            for part, x in enumerate(tf32_split(value) if split else (value,)):
                 ref.at[part][...] = x
 
         def parts_of(ref):

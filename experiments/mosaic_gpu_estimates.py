@@ -12,12 +12,19 @@ leaves out: latency (each program walks its blocks in order, one TMA load and
 four dependent wgmma groups per block, without prefetching), launch gaps, and
 the XLA-side combine of split states (counted in bytes, small).
 
+`--dtype=float32` estimates the TF32 sweep (mosaic_gpu_f32: 4-byte operands, Y and
+Y^T both read, XLA's transposes of Y and Z counted, TF32 at half the bf16 peak) and
+`--dtype=float32_highest` its split form (every operand as head and rest, three
+TF32 products each, XLA's splits counted), against the float32 roofline.
+
   python experiments/mosaic_gpu_estimates.py            # prints a markdown table
+  python experiments/mosaic_gpu_estimates.py --dtype=float32
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from absl import app, flags
 
@@ -28,27 +35,59 @@ flags.DEFINE_float("hbm_tbps", 4.8, "HBM bandwidth, TB/s (H200).")
 flags.DEFINE_float("peak_tflops", 989.0, "Dense bf16 tensor-core peak, TFLOP/s (H200).")
 flags.DEFINE_integer("sms", mg.DEFAULT_NUM_SMS, "Streaming multiprocessors (H200: 132).")
 
-ITEM = 2  # bf16 bytes
+flags.DEFINE_enum(
+    "dtype",
+    "bfloat16",
+    ["bfloat16", "float32", "float32_highest"],
+    "Input dtype: bf16 (the 16-bit sweep), float32 (the TF32 sweep of mosaic_gpu_f32), "
+    'float32_highest (its split-TF32 form, precision="highest").',
+)
 
 
-def _pass(width: int, z_cols: int, state_only: bool) -> tuple[float, float]:
+class Kind(NamedTuple):
+    """How one input dtype runs: bytes per element, copies of each operand the kernel
+    reads (split: TF32 head and rest), tensor-core passes per product, the peak of
+    those passes relative to --peak_tflops (TF32: half of bf16's), and whether XLA
+    hands the kernel Y^T and Z^T (the float32 sweeps)."""
+
+    item: int
+    parts: int
+    passes: int
+    peak_scale: float
+    transposed: bool
+
+
+KINDS = {
+    "bfloat16": Kind(2, 1, 1, 1.0, False),
+    "float32": Kind(4, 1, 1, 0.5, True),
+    "float32_highest": Kind(4, 2, 3, 0.5, True),
+}
+
+
+def _pass(width: int, z_cols: int, state_only: bool, kind: Kind) -> tuple[float, float]:
     """(bytes, FLOPs) per token x head of one sweep with state rows `width`, Z `z_cols`."""
     tiles = z_cols // mg.TILE
     block = mg.DEFAULT_BLOCK
-    y_bytes = width * ITEM * tiles  # Y re-read by every Z tile
-    z_bytes = z_cols * ITEM
-    update = 2 * width * mg.TILE * tiles  # state += Yt (decay * Z)
+    operand = kind.item * kind.parts  # bytes per element the kernel reads
+    y_bytes = width * operand * tiles  # Y (float32: Y^T) re-read by every Z tile
+    z_bytes = z_cols * operand
+    update = 2 * width * mg.TILE * tiles * kind.passes  # state += Yt (decay * Z)
     if state_only:
         return y_bytes + z_bytes, update
-    x_bytes = width * ITEM * tiles
-    out_bytes = z_cols * ITEM
+    x_bytes = width * operand * tiles
+    if kind.transposed:  # the TF32 sweep reads Y and Y^T; XLA makes Y^T, Z^T (split: X, Y too)
+        x_bytes += width * operand * tiles
+        made = 3 * width + z_cols if kind.parts > 1 else width + z_cols
+        x_bytes += made * kind.item * (1 + kind.parts)  # read once, written in parts
+    out_bytes = z_cols * kind.item
     scores = 2 * block * width * tiles  # X Yt, per row
     intra = 2 * block * mg.TILE * tiles  # masked scores @ Z
     inter = 2 * width * mg.TILE * tiles  # X @ state
-    return x_bytes + y_bytes + z_bytes + out_bytes, scores + intra + inter + update
+    flops = (scores + intra + inter) * kind.passes + update
+    return x_bytes + y_bytes + z_bytes + out_bytes, flops
 
 
-def estimate(batch: int, heads: int, n: int, d: int, e: int) -> list[dict]:
+def estimate(batch: int, heads: int, n: int, d: int, e: int, kind: Kind) -> list[dict]:
     """One row per kernel launch of forward + backward."""
     groups = batch * heads
     tiling = mg.choose_tiling(groups, e, n)
@@ -73,11 +112,11 @@ def estimate(batch: int, heads: int, n: int, d: int, e: int) -> list[dict]:
     for name, width, z_cols, state_only in passes:
         if name == "forward states (backward: recomputed)":
             continue
-        bytes_, flops = _pass(width, z_cols, state_only)
+        bytes_, flops = _pass(width, z_cols, state_only, kind)
         bytes_ += state_bytes(width, z_cols) + combine_bytes(width, z_cols)
         programs = groups * splits * (z_cols // mg.TILE)
         t_mem = bytes_ * tokens / (FLAGS.hbm_tbps * 1e12)
-        t_flop = flops * tokens / (FLAGS.peak_tflops * 1e12)
+        t_flop = flops * tokens / (FLAGS.peak_tflops * kind.peak_scale * 1e12)
         rows.append(
             dict(
                 kernel=name,
@@ -93,11 +132,14 @@ def estimate(batch: int, heads: int, n: int, d: int, e: int) -> list[dict]:
     return rows
 
 
-def roofline_ms(batch: int, heads: int, n: int, d: int, e: int) -> tuple[float, float]:
-    """(forward, forward + backward) memory roofline in ms: the op's own inputs/outputs."""
+def roofline_ms(
+    batch: int, heads: int, n: int, d: int, e: int, item: int = 2
+) -> tuple[float, float]:
+    """(forward, forward + backward) memory roofline in ms: the op's own inputs/outputs
+    (`item` bytes per element)."""
     tokens = batch * heads * n
-    fwd = (2 * d + 2 * e) * ITEM * tokens  # q, k, v read; o written
-    bwd = (2 * d + 2 * e) * ITEM * tokens + (2 * d + e) * ITEM * tokens  # q,k,v,do; dq,dk,dv
+    fwd = (2 * d + 2 * e) * item * tokens  # q, k, v read; o written
+    bwd = (2 * d + 2 * e) * item * tokens + (2 * d + e) * item * tokens  # q,k,v,do; dq,dk,dv
     bw = FLAGS.hbm_tbps * 1e12
     return fwd / bw * 1e3, (fwd + bwd) / bw * 1e3
 
@@ -105,7 +147,11 @@ def roofline_ms(batch: int, heads: int, n: int, d: int, e: int) -> tuple[float, 
 def main(argv):
     del argv
     shapes = ((4, 32, 32768, 128, 128), (1, 8, 32768, 128, 128))
-    print(f"Estimates: H200 {FLAGS.hbm_tbps} TB/s, {FLAGS.peak_tflops} TFLOP/s, {FLAGS.sms} SMs")
+    kind = KINDS[FLAGS.dtype]
+    print(
+        f"Estimates, {FLAGS.dtype}: H200 {FLAGS.hbm_tbps} TB/s, "
+        f"{FLAGS.peak_tflops * kind.peak_scale:g} TFLOP/s, {FLAGS.sms} SMs"
+    )
     print(
         "\n| shape | kernel | programs (per SM) | blocks / program | HBM B / token "
         "| FLOP / token | ms | bound |"
@@ -114,14 +160,14 @@ def main(argv):
     totals = []
     for batch, heads, n, d, e in shapes:
         label = f"b{batch} h{heads}"
-        rows = estimate(batch, heads, n, d, e)
+        rows = estimate(batch, heads, n, d, e, kind)
         for r in rows:
             print(
                 f"| {label} | {r['kernel']} | {r['programs']} ({r['per_sm']:.1f}) | "
                 f"{r['blocks_per_program']} | {r['bytes_per_token']:.0f} | "
                 f"{r['flops_per_token']:.0f} | {r['ms']:.2f} | {r['bound']} |"
             )
-        fwd_roof, total_roof = roofline_ms(batch, heads, n, d, e)
+        fwd_roof, total_roof = roofline_ms(batch, heads, n, d, e, kind.item)
         fwd_ms = sum(r["ms"] for r in rows if r["kernel"].startswith("forward"))
         total_ms = sum(r["ms"] for r in rows)
         assert math.isfinite(total_ms)

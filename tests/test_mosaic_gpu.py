@@ -536,6 +536,7 @@ _F32_HIGHEST_COMPILES = [
 ]
 
 
+@pytest.mark.compile
 @pytest.mark.skipif(_cuda_compile_available() is not None, reason=str(_cuda_compile_available()))
 @pytest.mark.parametrize(
     "target, b, h, n, d, e, splits, segmented, dtype, precision",

@@ -87,6 +87,9 @@ class Mutation(NamedTuple):
     new: str
     tests: tuple[str, ...]  # pytest arguments selecting the tests that should catch it
     occurrence: int = 0  # which occurrence of `old` to replace
+    # The top-level function that occurrence must lie in (else the mutation is stale: a
+    # new copy of `old` earlier in the file moved it elsewhere).
+    inside: str | None = None
 
 
 def _pallas(cls: str, expr: str) -> tuple[str, ...]:
@@ -101,6 +104,7 @@ MUTATIONS = [
         "return state_dec * kv + dot(k_scaled, v, trans_a=True)",
         "return (state_dec * kv + dot(k_scaled, v, trans_a=True))" + ROUND.format(dtype="in_dtype"),
         _pallas("TestTritonInterpret", PRECISION_TESTS),
+        inside="_forward_kernel",  # its unsegmented body (the segmented one is next)
     ),
     Mutation(
         "triton_dq_state_rounded",
@@ -108,7 +112,8 @@ MUTATIONS = [
         "return state_dec * kv + dot(k_scaled, v, trans_a=True)",
         "return (state_dec * kv + dot(k_scaled, v, trans_a=True))" + ROUND.format(dtype="in_dtype"),
         _pallas("TestTritonInterpret", PRECISION_TESTS),
-        occurrence=1,  # the dQ kernel's state sweep
+        occurrence=2,  # the dQ kernel's state sweep (after the forward's two bodies)
+        inside="_dq_kernel",
     ),
     Mutation(
         "triton_dk_dkv_rounded",
@@ -117,6 +122,7 @@ MUTATIONS = [
         "return (state_dec * dkv + dot(q_scaled, do, trans_a=True))"
         + ROUND.format(dtype="in_dtype"),
         _pallas("TestTritonInterpret", PRECISION_TESTS),
+        inside="_dk_kernel",
     ),
     Mutation(
         "triton_dv_dkv_rounded",
@@ -125,7 +131,8 @@ MUTATIONS = [
         "return (state_dec * dkv + dot(q_scaled, do, trans_a=True))"
         + ROUND.format(dtype="in_dtype"),
         _pallas("TestTritonInterpret", PRECISION_TESTS),
-        occurrence=1,  # the dV kernel's own dKV sweep
+        occurrence=1,  # the dV kernel's own dKV sweep (its unsegmented body)
+        inside="_dv_kernel",
     ),
     Mutation(
         "triton_final_state_rounded_once",
@@ -141,6 +148,7 @@ MUTATIONS = [
         "kv_ref[...] = (kv * state_dec + _dot(k_scaled, v, precision, _TN))"
         + ROUND.format(dtype="in_dtype"),
         _pallas("TestMosaicTpuInterpret", PRECISION_TESTS),
+        inside="_forward_kernel",
     ),
     Mutation(
         "mosaic_tpu_dq_state_rounded",
@@ -150,6 +158,7 @@ MUTATIONS = [
         + ROUND.format(dtype="in_dtype"),
         _pallas("TestMosaicTpuInterpret", PRECISION_TESTS),
         occurrence=1,  # the dQ kernel's state sweep
+        inside="_dq_kernel",
     ),
     Mutation(
         "mosaic_tpu_dkdv_dkv_rounded",
@@ -337,6 +346,12 @@ def copy_repository(root: str, dest: str) -> None:
             shutil.copy2(src, os.path.join(dest, rel))
 
 
+def enclosing_function(text: str, at: int) -> str | None:
+    """Name of the last top-level `def` before offset `at` of a Python source, if any."""
+    names = re.findall(r"^def (\w+)", text[:at], flags=re.MULTILINE)
+    return names[-1] if names else None
+
+
 def apply(mutation: Mutation, root: str) -> str | None:
     """Patches the copy at root; returns the original text, or None if `old` is not there."""
     path = os.path.join(root, mutation.path)
@@ -346,6 +361,8 @@ def apply(mutation: Mutation, root: str) -> str | None:
     if len(starts) <= mutation.occurrence:
         return None
     at = starts[mutation.occurrence]
+    if mutation.inside is not None and enclosing_function(text, at) != mutation.inside:
+        return None
     with open(path, "w") as f:
         f.write(text[:at] + mutation.new + text[at + len(mutation.old) :])
     return text

@@ -33,12 +33,17 @@ import lightning_jax as lj
 from pallas_kernels import mosaic_gpu
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("batch", 1, "Batch.")
-flags.DEFINE_integer("heads", 8, "Heads (ALiBi slopes).")
-flags.DEFINE_integer("seq", 65536, "Sequence length.")
-flags.DEFINE_integer("dim", 128, "d = e.")
-flags.DEFINE_integer("seed", 0, "Input seed.")
-flags.DEFINE_string("out", "results/split_state_error.json", "JSON file (empty: none).")
+
+
+def define_flags() -> None:
+    """The command line's flags (defined only when run as a script: the tests import this
+    module beside experiments that define flags of the same names)."""
+    flags.DEFINE_integer("batch", 1, "Batch.")
+    flags.DEFINE_integer("heads", 8, "Heads (ALiBi slopes).")
+    flags.DEFINE_integer("seq", 65536, "Sequence length.")
+    flags.DEFINE_integer("dim", 128, "d = e.")
+    flags.DEFINE_integer("seed", 0, "Input seed.")
+    flags.DEFINE_string("out", "results/split_state_error.json", "JSON file (empty: none).")
 
 
 def relative_errors(actual: np.ndarray, expected: np.ndarray) -> dict[str, float]:
@@ -130,4 +135,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -1,33 +1,42 @@
-r"""Associative recall: why hybrids put softmax layers among the lightning ones.
+r"""Associative recall: where a fixed-size state runs out, and what softmax layers buy back.
 
-A synthetic multi-query associative recall task, generated on the fly: each
-sequence lists N key-value pairs, then asks for every key again (in a random
-order), and the model must answer with that key's value. By default
-(`--fused`) each pair is one token, so answering is a single lookup:
+Multi-query associative recall (MQAR, as in the Zoology study, Arora et al.
+2023), generated on the fly: each sequence lists N key-value pairs, then asks
+for every key again (in a random order), and the model must answer with that
+key's value:
 
-    p1 p2 ... pN | q1 a1 q2 a2 ... qN aN      (3N tokens; p = (k, v); q = a permutation of k)
+    k1 v1 k2 v2 ... kN vN | q1 a1 q2 a2 ... qN aN      (4N tokens; q = a permutation of k)
 
-`--nofused` spells each pair as two tokens (`k1 v1 ... kN vN | q1 a1 ...`, 4N
-tokens), the classic MQAR layout, which needs two attention steps and many
-more training steps than fit a small CPU budget.
+`--fused` spells each pair as one token instead (`p1 ... pN | q1 a1 ...`,
+3N tokens, p = (k, v)), which a model answers with a single lookup rather
+than the two steps (tie each value to the key before it, then find the key)
+of the layout above.
 
 Keys are N distinct ids of `--num_keys`, values are drawn from `--num_values`
 (with repetition), so chance is 1/num_values. A lightning layer carries a
-fixed-size state (`[H, d, d]` per sequence), which must hold all N pairs at
-once; a softmax layer attends to every earlier token. Each model (lightning,
-softmax, hybrid: the last layer softmax) trains for the same number of steps on
-sequences with N drawn from `--pairs` (each row padded to the longest, so one
-compiled shape; the model is causal, so padding after a row's end does not
-change its answers), and is then evaluated per N on the same fresh sequences:
-the accuracy on answer tokens against the context length.
+fixed-size state (`[H, d, d]` per sequence, d = head dim), which must hold all
+N pairs at once; a softmax layer attends to every earlier token. Each model
+(lightning, softmax, hybrid: the last layer softmax) trains for the same
+number of steps on sequences with N drawn from `--pairs` (each row padded to
+the longest, so one compiled shape; the model is causal, so padding after a
+row's end does not change its answers), and is then evaluated per N on the
+same fresh sequences: the accuracy on answer tokens.
 
-  python experiments/recall.py        # 3 models x 600 steps, one after the other
-  python experiments/recall.py --steps=3000 --pairs=8,16,32,64,128 --num_keys=128
+Initialisation: every kernel and the embedding are drawn with std
+`--init_std` (default 1/sqrt(embed_dim)). TransNormerLLM's 0.02 is sized for
+widths near 1,000; at width 64, with the embedding scaled by sqrt(D), a
+softmax layer's output starts about 16x smaller than the embedding in the
+residual stream and a 2-layer softmax model stays near chance for 1,500 steps
+(a lightning layer normalises its output, so it does not).
+
+  python experiments/recall.py        # 3 models x 1 seed, one after the other -> runs/recall/
+  python experiments/recall.py --seeds=0,1,2 --head_dims=8,16,32 --pairs=4,8,16,32,64
   # or one process per model, then join their JSONs:
-  python experiments/recall.py --mixers=softmax --out=results/recall/softmax.json  # (etc.)
-  python experiments/recall.py --merge=results/recall/lightning.json,...
+  python experiments/recall.py --mixers=softmax --out=runs/recall/softmax.json  # (etc.)
+  python experiments/recall.py --merge=runs/recall/lightning.json,...
 
-Prints a table and writes `--out` (JSON) and a PNG beside it.
+Prints a table (mean and min-max over seeds) and writes `--out` (JSON) and a
+PNG beside it (accuracy against N, one panel per head dim, bars: min-max).
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import machine_info  # noqa: E402
 from lightning_jax.models import TransNormerConfig, TransNormerLM  # noqa: E402
 
 PAD = 0  # token id after a sequence's end; keys start at 1
@@ -123,18 +133,30 @@ def recall_batch(
 
 
 def model_config(
-    mixer: str, vocab_size: int, seq_len: int, num_layers: int, embed_dim: int, num_heads: int
+    mixer: str,
+    vocab_size: int,
+    seq_len: int,
+    num_layers: int,
+    embed_dim: int,
+    num_heads: int,
+    head_dim: int | None = None,
+    init_std: float | None = None,
 ) -> TransNormerConfig:
-    """lightning / softmax / hybrid (every num_layers-th layer softmax: the last one only)."""
+    """lightning / softmax / hybrid (every num_layers-th layer softmax: the last one only).
+
+    init_std None: 1/sqrt(embed_dim) (see the module docstring).
+    """
     hybrid = mixer == "hybrid"
     return TransNormerConfig(
         vocab_size=vocab_size,
         num_layers=num_layers,
         embed_dim=embed_dim,
         num_heads=num_heads,
+        head_dim=head_dim,
         mixer="lightning" if hybrid else mixer,
         softmax_every=num_layers if hybrid else 0,
         max_seq_len=seq_len,
+        init_std=embed_dim**-0.5 if init_std is None else init_std,
     )
 
 
@@ -163,12 +185,23 @@ def train_and_evaluate(
     eval_sequences: int,
     seed: int,
     fused: bool = False,
+    head_dim: int | None = None,
+    init_std: float | None = None,
+    log: bool = True,
 ) -> dict:
-    """Trains one model on N drawn uniformly from `pairs`; accuracy per N on fresh sequences."""
+    """Trains one model on N drawn uniformly from `pairs`; accuracy per N on fresh sequences.
+
+    Returns a dict with `accuracy_by_pairs` {N: accuracy}, the model's
+    `layer_mixers`, `head_dim`, `state_floats` (floats of one lightning
+    layer's state per sequence, H*d*d), `params`, `train_curve` and
+    `train_seconds`.
+    """
     per_pair = tokens_per_pair(fused)
     seq_len = per_pair * max(pairs)
     vocab = vocab_size(num_keys, num_values, fused)
-    config = model_config(mixer, vocab, seq_len, num_layers, embed_dim, num_heads)
+    config = model_config(
+        mixer, vocab, seq_len, num_layers, embed_dim, num_heads, head_dim, init_std
+    )
     model = TransNormerLM(config, rngs=nnx.Rngs(seed))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, learning_rate, min(100, steps // 10 + 1), max(steps, 2), learning_rate * 0.1
@@ -190,15 +223,19 @@ def train_and_evaluate(
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     curve = []
+    name = f"{mixer} d={config.attn_head_dim} seed={seed}"
     for step in range(steps):
         row_pairs = rng.choice(pairs, size=batch_size)
         batch = recall_batch(rng, row_pairs, num_keys, num_values, seq_len, fused)
         loss, acc = train_step(model, optimizer, *batch)
         if (step + 1) % max(steps // 10, 1) == 0:
             curve.append(dict(step=step + 1, loss=float(loss), accuracy=float(acc)))
-            print(f"[{mixer}] step {step + 1}/{steps} loss {float(loss):.3f} acc {float(acc):.3f}")
+            if log:
+                print(f"[{name}] step {step + 1}/{steps} loss {float(loss):.3f} "
+                      f"acc {float(acc):.3f}", flush=True)  # fmt: skip
     train_s = time.perf_counter() - start
-    eval_rng = np.random.default_rng(seed + 1)  # the same held-out sequences for every model
+    # The same held-out sequences for every model and seed of one --pairs.
+    eval_rng = np.random.default_rng(10_000)
     accuracy = {}
     for n in pairs:
         accs = []
@@ -206,34 +243,83 @@ def train_and_evaluate(
             row_pairs = np.full(batch_size, n)
             batch = recall_batch(eval_rng, row_pairs, num_keys, num_values, seq_len, fused)
             accs.append(float(eval_step(model, *batch)[1]))
-        accuracy[per_pair * n] = float(np.mean(accs))
+        accuracy[n] = float(np.mean(accs))
+    params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
     return dict(
         mixer=mixer,
+        seed=seed,
+        head_dim=config.attn_head_dim,
         layer_mixers=list(config.layer_mixers),
-        accuracy_by_context=accuracy,
+        state_floats=config.num_heads * config.attn_head_dim**2,
+        params=params,
+        accuracy_by_pairs=accuracy,
         train_curve=curve,
         train_seconds=train_s,
     )
 
 
-def plot_recall(results: list[dict], chance: float, path: str) -> None:
+def summarize(results: list[dict]) -> list[dict]:
+    """Groups runs by (head_dim, mixer): accuracy per N as mean, min, max over seeds.
+
+    Returns rows sorted by head dim (mixers in first-seen order), each with
+    `mixer`, `head_dim`, `seeds`, and `mean` / `min` / `max` / `std`: {N: float}
+    (std: sample standard deviation, 0 for one seed).
+    """
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["head_dim"], r["mixer"]), []).append(r)
+    mixer_order = list(dict.fromkeys(r["mixer"] for r in results))
+    rows = []
+    for head_dim, mixer in sorted(groups, key=lambda g: (g[0], mixer_order.index(g[1]))):
+        runs = groups[(head_dim, mixer)]
+        by_pairs = [{int(n): float(a) for n, a in r["accuracy_by_pairs"].items()} for r in runs]
+        pairs = sorted({n for b in by_pairs for n in b})
+        acc = {n: [b[n] for b in by_pairs] for n in pairs}
+        rows.append(
+            dict(
+                mixer=mixer,
+                head_dim=head_dim,
+                seeds=[r["seed"] for r in runs],
+                mean={n: float(np.mean(a)) for n, a in acc.items()},
+                min={n: float(np.min(a)) for n, a in acc.items()},
+                max={n: float(np.max(a)) for n, a in acc.items()},
+                std={n: float(np.std(a, ddof=1)) if len(a) > 1 else 0.0 for n, a in acc.items()},
+                train_seconds=float(np.median([r["train_seconds"] for r in runs])),
+            )
+        )
+    return rows
+
+
+def plot_recall(rows: list[dict], chance: float, path: str, title: str = "") -> None:
+    """Accuracy against N per mixer, one panel per head dim; markers: mean, bars: min-max."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    for r in results:
-        contexts = sorted(r["accuracy_by_context"])
-        ax.plot(contexts, [r["accuracy_by_context"][c] for c in contexts], "o-", label=r["mixer"])
-    ax.axhline(chance, color="gray", ls=":", label="chance")
-    ax.set_xscale("log", base=2)
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("recall accuracy (answer tokens)")
-    ax.set_title("associative recall at equal training steps")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    head_dims = sorted({r["head_dim"] for r in rows})
+    fig, axes = plt.subplots(
+        1, len(head_dims), figsize=(4.2 * len(head_dims), 3.8), dpi=100, sharey=True,
+        squeeze=False,
+    )  # fmt: skip
+    for ax, head_dim in zip(axes[0], head_dims):
+        for r in (r for r in rows if r["head_dim"] == head_dim):
+            pairs = sorted(r["mean"])
+            mean = np.array([r["mean"][n] for n in pairs])
+            low = mean - np.array([r["min"][n] for n in pairs])
+            high = np.array([r["max"][n] for n in pairs]) - mean
+            ax.errorbar(pairs, mean, yerr=[low, high], fmt="o-", capsize=3,
+                        label=f"{r['mixer']} ({len(r['seeds'])} seeds)")  # fmt: skip
+        ax.axhline(chance, color="gray", ls=":", label="chance")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("key-value pairs N")
+        ax.set_title(f"head dim {head_dim}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("recall accuracy (answer tokens)")
+    axes[0][-1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -241,64 +327,109 @@ def plot_recall(results: list[dict], chance: float, path: str) -> None:
 
 def _define_flags():
     flags.DEFINE_list("mixers", ["lightning", "softmax", "hybrid"], "Models to train.")
-    flags.DEFINE_list("pairs", ["2", "4", "8", "16", "32"], "Key-value pairs per sequence (N).")
+    flags.DEFINE_list("pairs", ["4", "8", "16", "32"], "Key-value pairs per sequence (N).")
     flags.DEFINE_integer("steps", 600, "Training steps per model.")
     flags.DEFINE_integer("batch_size", 32, "Sequences per step.")
     flags.DEFINE_float("learning_rate", 5e-3, "Peak learning rate (AdamW, warmup + cosine).")
-    flags.DEFINE_integer("num_keys", 32, "Key vocabulary.")
-    flags.DEFINE_integer("num_values", 8, "Value vocabulary (chance = 1 / num_values).")
+    flags.DEFINE_integer("num_keys", 64, "Key vocabulary.")
+    flags.DEFINE_integer("num_values", 64, "Value vocabulary (chance = 1 / num_values).")
     flags.DEFINE_integer("num_layers", 2, "Layers (hybrid: the last one softmax).")
     flags.DEFINE_integer("embed_dim", 64, "Model width.")
     flags.DEFINE_integer("num_heads", 4, "Heads.")
-    flags.DEFINE_integer("eval_sequences", 512, "Held-out sequences per context length.")
-    flags.DEFINE_integer("seed", 0, "Seed of the init and the data.")
-    flags.DEFINE_bool("fused", True, "One token per key-value pair (3N tokens), else 4N.")
-    flags.DEFINE_string("out", "results/recall/recall.json", "JSON path (PNG beside it).")
-    flags.DEFINE_list("merge", [], "Join these JSONs of one-mixer runs into --out; no training.")
+    flags.DEFINE_list("head_dims", [], "Per-head widths d to sweep (empty: embed_dim / heads).")
+    flags.DEFINE_float("init_std", None, "Std of every kernel's init (None: 1/sqrt(embed_dim)).")
+    flags.DEFINE_integer("eval_sequences", 512, "Held-out sequences per N.")
+    flags.DEFINE_list("seeds", ["0"], "Seeds of the init and the training data, one run each.")
+    flags.DEFINE_bool("fused", False, "One token per key-value pair (3N tokens), else 4N.")
+    flags.DEFINE_string("out", "runs/recall/recall.json", "JSON path (PNG beside it).")
+    flags.DEFINE_list("merge", [], "Join these JSONs of runs of one task into --out; no training.")
 
 
 _FLAG_NAMES = (
     "mixers pairs steps batch_size learning_rate num_keys num_values num_layers embed_dim "
-    "num_heads eval_sequences seed fused"
+    "num_heads head_dims init_std eval_sequences seeds fused"
 ).split()
+# What runs joined by --merge may differ in.
+_SWEPT = ("mixers", "head_dims", "seeds")
 
 
 def merge(paths: list[str], out: str) -> None:
-    """Joins runs of one config, one mixer each (e.g. run as parallel processes), into `out`."""
+    """Joins runs of one task that differ only in mixers, head dims or seeds into `out`."""
     runs = []
     for path in paths:
         with open(path) as fh:
             runs.append(json.load(fh))
-    configs = [{k: v for k, v in r["config"].items() if k != "mixers"} for r in runs]
+    configs = [{k: v for k, v in r["config"].items() if k not in _SWEPT} for r in runs]
     if any(c != configs[0] for c in configs):
-        raise app.UsageError(f"--merge: the runs {paths} differ in more than --mixers")
+        raise app.UsageError(f"--merge: the runs {paths} differ in more than {', '.join(_SWEPT)}")
     merged = dict(runs[0])
     merged["results"] = [res for r in runs for res in r["results"]]
-    merged["config"] = {**runs[0]["config"], "mixers": [m["mixer"] for m in merged["results"]]}
-    merged["command"] = [r["command"] for r in runs]
+    config = dict(runs[0]["config"])
+    for name in _SWEPT:
+        values = [v for r in runs for v in r["config"].get(name, [])]
+        config[name] = list(dict.fromkeys(values))
+    merged["config"] = config
+    merged["command"] = [c for r in runs for c in _as_list(r["command"])]
+    merged["train_wall_seconds"] = sum(r.get("train_wall_seconds", 0.0) for r in runs)
     report(merged, out)
 
 
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def format_table(rows: list[dict], pairs: list[int]) -> str:
+    """Markdown table: one row per (head dim, mixer), cells `mean (min-max)` over seeds."""
+    lines = [
+        "| head dim | model | seeds | " + " | ".join(f"N={n}" for n in pairs) + " | train s |",
+        "| ---: | --- | ---: | " + " | ".join("---:" for _ in pairs) + " | ---: |",
+    ]
+    for r in rows:
+        cells = []
+        for n in pairs:
+            if len(r["seeds"]) > 1:
+                cells.append(f"{r['mean'][n]:.2f} ({r['min'][n]:.2f}-{r['max'][n]:.2f})")
+            else:
+                cells.append(f"{r['mean'][n]:.2f}")
+        lines.append(
+            f"| {r['head_dim']} | {r['mixer']} | {len(r['seeds'])} | " + " | ".join(cells)
+            + f" | {r['train_seconds']:.0f} |"
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
 def report(result: dict, out: str) -> None:
-    """Prints the accuracy table; writes the JSON and the PNG beside it."""
-    results = result["results"]
-    contexts = sorted(int(c) for c in results[0]["accuracy_by_context"])
-    steps, chance = result["config"]["steps"], result["chance"]
-    print(f"\nrecall accuracy after {steps} steps (chance {chance:.3f}):")
-    print("| model | " + " | ".join(f"{c} tokens" for c in contexts) + " | train s |")
-    print("| --- | " + " | ".join("---:" for _ in contexts) + " | ---: |")
-    for r in results:
-        by_context = {int(c): a for c, a in r["accuracy_by_context"].items()}
-        r["accuracy_by_context"] = by_context
-        accs = " | ".join(f"{by_context[c]:.3f}" for c in contexts)
-        print(f"| {r['mixer']} | {accs} | {r['train_seconds']:.0f} |")
+    """Prints the accuracy table; writes the JSON (with the summary) and the PNG beside it."""
+    for r in result["results"]:
+        r["accuracy_by_pairs"] = {int(n): a for n, a in r["accuracy_by_pairs"].items()}
+    rows = summarize(result["results"])
+    pairs = sorted({n for r in rows for n in r["mean"]})
+    config, chance = result["config"], result["chance"]
+    layout = "fused pairs" if config.get("fused") else "MQAR"
+    print(
+        f"\nrecall accuracy ({layout} layout, {config['steps']} steps, chance {chance:.3f}; "
+        "mean (min-max) over seeds):"
+    )
+    print(format_table(rows, pairs))
+    result["summary"] = rows
     if out:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         with open(out, "w") as fh:
             json.dump(result, fh, indent=1)
         png = os.path.splitext(out)[0] + ".png"
-        plot_recall(results, result["chance"], png)
+        title = f"{layout} layout, {config['steps']} steps, {config['num_layers']} layers"
+        plot_recall(rows, chance, png, title)
         print(f"wrote {out} and {png}")
+
+
+def _positive_ints(name: str, values: list[str]) -> list[int]:
+    try:
+        ints = [int(v) for v in values]
+    except ValueError:
+        raise app.UsageError(f"--{name} must be ints, got {values}") from None
+    if any(i < 1 for i in ints):
+        raise app.UsageError(f"--{name} must be positive ints, got {values}")
+    return ints
 
 
 def main(argv):
@@ -307,41 +438,59 @@ def main(argv):
     if f.merge:
         merge(f.merge, f.out)
         return
-    pairs = [int(p) for p in f.pairs]
-    if not pairs or min(pairs) < 1:
-        raise app.UsageError(f"--pairs must be positive ints, got {f.pairs}")
+    pairs = _positive_ints("pairs", f.pairs)
+    if not pairs:
+        raise app.UsageError("--pairs must name at least one N")
     if max(pairs) > f.num_keys:
         raise app.UsageError(f"--pairs (up to {max(pairs)}) must not exceed --num_keys")
+    head_dims = _positive_ints("head_dims", f.head_dims) or [None]
+    if any(d is not None and d % 2 for d in head_dims) and set(f.mixers) != {"lightning"}:
+        raise app.UsageError(f"--head_dims must be even for softmax layers, got {f.head_dims}")
+    try:
+        seeds = [int(s) for s in f.seeds]
+    except ValueError:
+        raise app.UsageError(f"--seeds must be ints, got {f.seeds}") from None
+    if not seeds:
+        raise app.UsageError("--seeds must name at least one seed")
     bad = [m for m in f.mixers if m not in ("lightning", "softmax", "hybrid")]
-    if bad:
-        raise app.UsageError(f"--mixers must be lightning, softmax or hybrid, got {bad}")
+    if bad or not f.mixers:
+        raise app.UsageError(f"--mixers must be lightning, softmax or hybrid, got {f.mixers}")
+    if f.init_std is not None and f.init_std <= 0:
+        raise app.UsageError(f"--init_std must be positive, got {f.init_std}")
     results = []
-    for mixer in f.mixers:
-        results.append(
-            train_and_evaluate(
-                mixer,
-                pairs=pairs,
-                steps=f.steps,
-                batch_size=f.batch_size,
-                learning_rate=f.learning_rate,
-                num_keys=f.num_keys,
-                num_values=f.num_values,
-                num_layers=f.num_layers,
-                embed_dim=f.embed_dim,
-                num_heads=f.num_heads,
-                eval_sequences=f.eval_sequences,
-                seed=f.seed,
-                fused=f.fused,
-            )
-        )
+    start = time.perf_counter()
+    for head_dim in head_dims:
+        for mixer in f.mixers:
+            for seed in seeds:
+                results.append(
+                    train_and_evaluate(
+                        mixer,
+                        pairs=pairs,
+                        steps=f.steps,
+                        batch_size=f.batch_size,
+                        learning_rate=f.learning_rate,
+                        num_keys=f.num_keys,
+                        num_values=f.num_values,
+                        num_layers=f.num_layers,
+                        embed_dim=f.embed_dim,
+                        num_heads=f.num_heads,
+                        eval_sequences=f.eval_sequences,
+                        seed=seed,
+                        fused=f.fused,
+                        head_dim=head_dim,
+                        init_std=f.init_std,
+                    )
+                )
     result = dict(
         results=results,
         chance=1 / f.num_values,
         config={name: f[name].value for name in _FLAG_NAMES},
         device=str(jax.devices()[0].device_kind),
+        cpu=machine_info.cpu_name(),
         jax=jax.__version__,
-        date=time.strftime("%Y-%m-%d"),
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         command="python " + " ".join(sys.argv),
+        train_wall_seconds=time.perf_counter() - start,
     )
     report(result, f.out)
 

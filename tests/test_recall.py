@@ -74,7 +74,7 @@ def test_softmax_learns_recall_at_the_default_init():
     """2 softmax layers answer a small recall task after 120 steps.
 
     With TransNormerLLM's init std 0.02 at this width (and the embedding
-    scaled by sqrt(D)) the same run ends at 0.31 (N=4) and 0.47 (N=2): the
+    scaled by sqrt(D)) the same run ends at 0.31 accuracy on N=4: the
     default init (1/sqrt(embed_dim)) must not regress to it.
     """
     result = recall.train_and_evaluate(

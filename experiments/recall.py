@@ -26,8 +26,10 @@ Initialisation: every kernel and the embedding are drawn with std
 `--init_std` (default 1/sqrt(embed_dim)). TransNormerLLM's 0.02 is sized for
 widths near 1,000; at width 64, with the embedding scaled by sqrt(D), a
 softmax layer's output starts about 16x smaller than the embedding in the
-residual stream and a 2-layer softmax model stays near chance for 1,500 steps
-(a lightning layer normalises its output, so it does not).
+residual stream, and 2 softmax layers stayed at 0.29-0.33 accuracy on the
+fused task after 1,500 steps (chance 0.125). A lightning layer normalises its
+attention output, so it starts 2.4x larger and learned the task.
+`experiments/recall_init.py` runs the ablations.
 
   python experiments/recall.py        # 3 models x 1 seed, one after the other -> runs/recall/
   python experiments/recall.py --seeds=0,1,2 --head_dims=8,16,32 --pairs=4,8,16,32,64

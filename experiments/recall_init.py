@@ -12,9 +12,12 @@ Trains the same 2-layer softmax model on the fused-pair recall task of
 
   python experiments/recall_init.py                      # -> runs/recall_init.json
   python experiments/recall_init.py --variants=baseline,vo_x5 --steps=300
+  python experiments/recall_init.py --init_only   # the RMS ratios below, no training
 
 Also prints, at init, the RMS of each model's first token-mixer output over
-the RMS of the (scaled) embedding it is added to.
+the RMS of the (scaled) embedding it is added to; `--init_only` prints only
+that, for a softmax and a lightning first layer at init std 0.02 and at the
+default.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ flags.DEFINE_integer("embed_dim", 64, "Model width.")
 flags.DEFINE_integer("num_heads", 4, "Heads.")
 flags.DEFINE_integer("seed", 0, "Seed of the init and the data.")
 flags.DEFINE_string("out", "runs/recall_init.json", "JSON path.")
+flags.DEFINE_bool("init_only", False, "Print the mixer/embedding RMS ratios at init; no training.")
 
 
 def _scale_softmax_kernels(model: TransNormerLM, qkv: tuple[float, float, float], out: float):
@@ -104,11 +108,13 @@ def run_variant(name: str, pairs: list[int], steps: int, embed_dim: int, heads: 
     return result
 
 
-def _mixer_to_embedding_rms(pairs, embed_dim, heads, seed, make_model, model_config) -> float:
+def _mixer_to_embedding_rms(
+    pairs, embed_dim, heads, seed, make_model, model_config, mixer: str = "softmax"
+) -> float:
     """RMS of layer 0's token-mixer output over the RMS of the embedding, at init."""
     seq_len = 3 * max(pairs)
     vocab = recall.vocab_size(32, 8, True)
-    config = model_config("softmax", vocab, seq_len, 2, embed_dim, heads)
+    config = model_config(mixer, vocab, seq_len, 2, embed_dim, heads)
     model = make_model(config, rngs=nnx.Rngs(seed))
     rng = np.random.default_rng(seed)
     tokens, _, _ = recall.recall_batch(rng, np.full(16, max(pairs)), 32, 8, seq_len, True)
@@ -127,6 +133,20 @@ def main(argv):
     if bad:
         raise app.UsageError(f"--variants must be of {VARIANTS}, got {bad}")
     pairs = [int(p) for p in f.pairs]
+    if f.init_only:
+        print("| first layer | init std | mixer/embedding RMS at init |")
+        print("| --- | ---: | ---: |")
+        for mixer in ("softmax", "lightning"):
+            for std in (0.02, f.embed_dim**-0.5):
+
+                def config(*args, std=std, **kwargs):
+                    return dataclasses.replace(recall.model_config(*args, **kwargs), init_std=std)
+
+                ratio = _mixer_to_embedding_rms(
+                    pairs, f.embed_dim, f.num_heads, f.seed, TransNormerLM, config, mixer
+                )
+                print(f"| {mixer} | {std:.3f} | {ratio:.3f} |")
+        return
     rows = []
     print("| variant | mixer/embedding RMS at init | " + " | ".join(f"N={n}" for n in pairs) + " |")
     print("| --- | ---: | " + " | ".join("---:" for _ in pairs) + " |")

@@ -637,7 +637,9 @@ _LIGHTNING = {
 }
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "interpret", "precision", "seq_splits"))
+@functools.partial(
+    jax.jit, static_argnames=("block_size", "interpret", "precision", "seq_splits", "layout")
+)
 def lightning_attention_mosaic_gpu(
     q: jax.Array,
     k: jax.Array,
@@ -650,6 +652,7 @@ def lightning_attention_mosaic_gpu(
     precision: str = "default",
     seq_splits: int | None = None,
     segment_ids: jax.Array | None = None,
+    layout: str = "bhtd",
 ) -> tuple[jax.Array, jax.Array]:
     """Pallas/Mosaic GPU Lightning Attention-2 on checked inputs; returns (o, final_state).
 
@@ -675,14 +678,24 @@ def lightning_attention_mosaic_gpu(
         `lightning_attention`); each block cuts its decays at run boundaries, and a
         sequence split holding one does not pass the state through. None: the
         unsegmented kernels (no segment table, the same code as without the argument).
+      layout: "bhtd", or "bthd" (`[B, T, H, D]`): transposed to "bhtd" around the
+        kernels (their TMA copies take one head's contiguous `[64, D]` tiles; a
+        strided per-head TMA over `[B, T, H, D]` is not built yet).
 
     Returns:
-      o `[B, H, T, E]` in q's dtype and the final state `[B, H, D, E]` float32.
+      o in q's layout and dtype, and the final state `[B, H, D, E]` float32.
 
     Raises:
       ValueError: D or E above 256, T >= 2^24, block_size above 64, an unknown
         precision, seq_splits < 1.
     """
+    if layout == "bthd":
+        o, state = lightning_attention_mosaic_gpu(
+            *(jnp.swapaxes(x, 1, 2) for x in (q, k, v)), slopes, initial_state,
+            block_size=block_size, interpret=interpret, precision=precision,
+            seq_splits=seq_splits, segment_ids=segment_ids,
+        )  # fmt: skip
+        return jnp.swapaxes(o, 1, 2), state
     batch, heads, n, d = q.shape
     e = v.shape[-1]
     if precision not in PRECISIONS:

@@ -296,6 +296,43 @@ class LightningOpTestBase:
     def test_low_precision(self, case, dtype):
         self.check_against_float64(case, dtype, LOW_PRECISION_SEED)
 
+    @pytest.mark.parametrize(
+        "shape", [(2, 2, 40, 16, 24), (1, 2, 32, 128, 128)], ids=["padded", "aligned"]
+    )
+    def test_bthd_layout_matches_reference(self, shape):
+        """layout="bthd": output, state and gradients equal the reference's (bhtd).
+
+        "padded": widths and length that the kernels pad (or transpose); "aligned":
+        power-of-two widths of 128 lanes and a whole number of blocks, which the
+        Triton and Mosaic TPU kernels address in place. With packed runs.
+        """
+        b, h, n, d, e = shape
+        q, k, v, s0, do, ds = make_inputs(3, b, h, n, d, e)
+        slopes = lj.alibi_slopes(h)
+        ids = jnp.asarray(random_runs(3, b, n, max_len=20))
+        if not self.supports_segment_ids:
+            ids = None
+
+        def ours(q, k, v, s0):
+            t = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
+            o, state = self.op(
+                t(q), t(k), t(v), slopes, initial_state=s0, return_final_state=True,
+                segment_ids=ids, layout="bthd",
+            )  # fmt: skip
+            assert o.shape == (b, n, h, e), o.shape
+            return t(o), state
+
+        def ref(q, k, v, s0):
+            return reference.naive_attention(
+                q, k, v, slopes, initial_state=s0, return_final_state=True, segment_ids=ids
+            )
+
+        for name, got, want in zip(("o", "state"), jax.jit(ours)(q, k, v, s0), ref(q, k, v, s0)):
+            assert_close(got, want, F32_TOL, name)
+        grads = jax.jit(functools.partial(loss_and_grads, ours))(q, k, v, s0, do, ds)
+        for name, got, want in zip(QUANTITIES[2:], grads, loss_and_grads(ref, q, k, v, s0, do, ds)):
+            assert_close(got, want, F32_TOL, name)
+
     @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "f16"])
     def test_carried_state_is_float32(self, dtype):
         """The state (forward, dQ sweep) and dKV (backward sweep) carried between blocks
@@ -611,7 +648,7 @@ class LightningOpTestBase:
                 r"initial_states must have shape \[n, heads, d, e\]",
             ),
             (dict(initial_states=jnp.zeros((2, 2, 8, 4))), ValueError, "initial_states must have"),
-            (dict(batch=2), ValueError, r"packed as \[1, heads, total, dim\]"),
+            (dict(batch=2), ValueError, r"packed with batch 1 \(\[1, heads, total, dim\]"),
             (dict(return_final_states=1), TypeError, "return_final_states must be a bool"),
         ],
     )
@@ -740,10 +777,41 @@ class LightningOpTestBase:
                 r"slopes must be None, a scalar or shape \[heads\]",
             ),
             (dict(slopes=jnp.zeros((1, 2))), ValueError, "slopes must be None"),
+            (dict(slopes=jnp.array([True, False])), TypeError, "slopes must be real numbers"),
+            (dict(slopes=True), TypeError, "slopes must be None, a number"),
+            (dict(slopes="0.5"), TypeError, "slopes must be None, a number, a sequence"),
             (
-                dict(slopes=jnp.zeros((2,), jnp.int32)),
+                dict(k=jnp.zeros((1, 2, 10, 8), jnp.bfloat16)),
                 TypeError,
-                "slopes must have a floating dtype",
+                "q, k and v must have the same dtype; got q float32, k bfloat16, v float32",
+            ),
+            (dict(layout="bsd"), ValueError, r"layout must be one of \('bhtd', 'bthd'\)"),
+            (
+                # [B, T, H, D] passed with the default layout: the hint names the other one.
+                dict(
+                    q=jnp.zeros((1, 10, 2, 8)),
+                    k=jnp.zeros((1, 10, 2, 8)),
+                    v=jnp.zeros((1, 10, 2, 8)),
+                    slopes=jnp.ones(2),
+                ),
+                ValueError,
+                r"got shape \(2,\); q \(1, 10, 2, 8\) has 2 heads in layout='bthd'.*"
+                r"pass layout='bthd'",
+            ),  # fmt: skip
+            (
+                dict(
+                    q=jnp.zeros((1, 10, 2, 8)),
+                    k=jnp.zeros((1, 10, 2, 8)),
+                    v=jnp.zeros((1, 10, 2, 8)),
+                    initial_state=jnp.zeros((1, 2, 8, 8)),
+                ),
+                ValueError,
+                "initial_state must have shape.*pass layout='bthd'",
+            ),  # fmt: skip
+            (
+                dict(layout="bthd", segment_ids=jnp.zeros((1, 10), jnp.int32)),
+                ValueError,
+                "segment_ids must have shape.*has 10 seq in layout='bhtd'.*pass layout='bhtd'",
             ),
             (dict(slopes=jnp.array([0.1, -0.2])), ValueError, "slopes must be finite and >= 0"),
             (dict(slopes=-1.0), ValueError, "slopes must be finite and >= 0"),

@@ -93,7 +93,7 @@ PRECISIONS = ("default", "highest")
 # The best implementation per backend; anything else (CPU) takes the XLA path.
 _AUTO = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "mosaic_tpu"}
 
-# Where experiments/gpu_check.sh has passed for impl="mosaic_gpu" on real Hopper-class
+# Where tools/gpu_check.sh has passed for impl="mosaic_gpu" on real Hopper-class
 # hardware: {"device": ..., "date": ..., "jax": ...}. None: never run on a GPU, so
 # impl="auto" keeps "triton" on every GPU and "mosaic_gpu" is opt-in. Fill this in
 # (device, date, jax version) only from a gpu_check.sh run that passed.
@@ -184,7 +184,7 @@ def lightning_attention(
         Hopper sm_90+ with wgmma and TMA; bf16/f16 on tensor cores in their
         type, float32 at TF32) or "reference" (the O(T^2) masked formula; for checks
         only). "auto" picks "mosaic_gpu" on GPUs of compute capability >= 9.0
-        only once `experiments/gpu_check.sh` has passed on real Hopper-class
+        only once `tools/gpu_check.sh` has passed on real Hopper-class
         hardware (recorded in `api.MOSAIC_GPU_VALIDATED`; not yet), so no user
         gets a never-run kernel by default; "triton" stays for older GPUs and
         AMD until JAX removes the Triton backend.

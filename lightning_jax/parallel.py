@@ -36,7 +36,7 @@ log2(P) + 2 states per device per pass. "all_gather": one all-gather of the P
 local states, then a weighted sum on each device: one collective, P states per
 device. On 8 host devices the ppermute scan was faster (fwd+bwd 5.4 vs 7.2 ms
 with the combine dominating, seq 128; equal at P = 2) and moves fewer bytes
-from P = 8 on; `experiments/bench_sp.py` measures both.
+from P = 8 on; `benchmarks/bench_sp.py` measures both.
 """
 
 from __future__ import annotations

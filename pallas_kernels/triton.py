@@ -59,7 +59,7 @@ def _state_tile(width: int, other: int) -> int:
 
     A [other, 64] float32 tile plus [block, other] operands fits the register
     file up to other = 128; at 256 the forward and dV kernels spill, less with
-    the tile halved (measured with experiments/compile_report.py for H200).
+    the tile halved (measured with tools/compile_report.py for H200).
     """
     return min(width, TILE if other <= 128 else TILE // 2)
 
@@ -160,7 +160,7 @@ def _forward_kernel(
     decay is computed where it is used (the key and state cuts after o is
     written). Computed first, as in `body`, the cut decays stayed live across
     the matmuls and the kernel spilled (160 B at d = e = 128 bf16 on H200,
-    experiments/compile_report.py --segments); so ordered, it does not, at the
+    tools/compile_report.py --segments); so ordered, it does not, at the
     same state tile as the unsegmented kernel. `body` is unchanged.
     """
     seg_refs, (o_ref, state_ref) = _split_refs(refs, segmented)
@@ -264,7 +264,7 @@ def _dv_kernel(
     step is `segmented_body`, ordered like the segmented forward (each cut decay
     where it is used): with `_decays_of` first it used 255 registers at
     d = e = 128 bf16 on H200 and spilled 384 B at d = 256; so ordered, 226
-    registers and 40 B (experiments/compile_report.py --segments).
+    registers and 40 B (tools/compile_report.py --segments).
     """
     seg_refs, (dv_ref,) = _split_refs(refs, segmented)
     slope = slopes_ref[0]
@@ -314,7 +314,7 @@ def _compiler_params(width: int, dtype) -> plgpu.CompilerParams:
     Two stages (the next block's tiles loaded while this one computes) double the
     shared memory of the loaded tiles: at width 256 in float32 the dQ/dK/dV
     kernels asked for 244 KiB, over the 227 KiB of an H100/H200 block
-    (experiments/compile_report.py).
+    (tools/compile_report.py).
     """
     stages = 1 if width > 128 and jnp.dtype(dtype).itemsize == 4 else 2
     return plgpu.CompilerParams(num_warps=4 if width <= 64 else 8, num_stages=stages)

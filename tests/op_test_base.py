@@ -4,7 +4,7 @@ Each implementation subclasses `LightningOpTestBase` and sets `impl` (and, if
 needed, `op_kwargs`), so a new kernel gets the whole suite by adding one class.
 Every check compares against the pure-jnp references in `lightning_jax.reference`:
 the numbers of each implementation against the float64 reference, with tolerances
-derived by `experiments/derive_tolerances.py` (tests/tolerances.json).
+derived by `tools/derive_tolerances.py` (tests/tolerances.json).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ F32_TOL = 1e-5
 # Each implementation's outputs, final state and gradients are compared with a float64
 # reference (`reference.naive_attention`, or `recurrent_attention` beyond
 # NAIVE_MAX_SEQ, under x64), one tolerance per impl, input dtype, case and quantity,
-# read from tests/tolerances.json. `python experiments/derive_tolerances.py` writes
+# read from tests/tolerances.json. `python tools/derive_tolerances.py` writes
 # that file: the worst error it measures for that case (the tests' seed and extra
 # seeds), times a documented factor. Per case, because the baselines differ by orders
 # of magnitude between cases (a float32 state is exact to 1e-7 without decay, but the
@@ -222,7 +222,7 @@ def case_errors(op_stateful, case: tuple, dtype, seed: int) -> dict[str, float]:
 def _tolerance_file() -> dict:
     if not TOLERANCES_PATH.exists():
         raise FileNotFoundError(
-            f"{TOLERANCES_PATH} is missing: run python experiments/derive_tolerances.py"
+            f"{TOLERANCES_PATH} is missing: run python tools/derive_tolerances.py"
         )
     return json.loads(TOLERANCES_PATH.read_text())
 
@@ -238,7 +238,7 @@ def tolerances(impl: str, dtype, case: tuple) -> dict[str, float]:
     if found is None:
         raise KeyError(
             f"no derived tolerances for impl={impl!r}, dtype={name}, case {case_id(case)} in "
-            f"{TOLERANCES_PATH}: derive them with python experiments/derive_tolerances.py "
+            f"{TOLERANCES_PATH}: derive them with python tools/derive_tolerances.py "
             f"--impls={impl} --dtypes={name}"
         )
     return found

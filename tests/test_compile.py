@@ -2,7 +2,7 @@
 
 Each compile runs the hardware's own compiler (libtpu's Mosaic compiler; XLA's
 GPU compiler with Triton / Mosaic GPU and ptxas) from a target description, in
-a subprocess (experiments/compile_report.py). A kernel that only lowers can
+a subprocess (tools/compile_report.py). A kernel that only lowers can
 still be rejected here: VMEM limits, shared memory, register allocation.
 
 Needs the `[aot]` extra; without it these tests are skipped with the reason.

@@ -56,7 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 F32_TOL = 1e-5
 BF16_OUT_TOL = 5e-3
 BF16_GRAD_TOL = 1e-2
-GPU_TARGETS = REPO / "experiments" / "gpu_targets"
+GPU_TARGETS = REPO / "tools" / "gpu_targets"
 
 
 @pytest.fixture(autouse=True)

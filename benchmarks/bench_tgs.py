@@ -6,8 +6,8 @@ step held constant (batch = tokens_per_step / seq), for the Lightning model and
 the softmax baseline, on the current device. Softmax attention is quadratic in
 memory on backends without a fused kernel, so it stops at --softmax_max_seq.
 
-  python experiments/bench_tgs.py                      # CPU: 1K..64K, 64K tokens per step
-  python experiments/bench_tgs.py --max_seq=262144 --tokens_per_step=262144
+  python benchmarks/bench_tgs.py                      # CPU: 1K..64K, 64K tokens per step
+  python benchmarks/bench_tgs.py --max_seq=262144 --tokens_per_step=262144
 
 Prints a table, writes JSON and a PNG (TGS against seq, log-log).
 """
@@ -24,7 +24,9 @@ import jax
 import numpy as np
 from absl import app, flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+)
 
 import lm_train  # noqa: E402
 

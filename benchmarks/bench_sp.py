@@ -17,8 +17,8 @@ trivial all-reduce over a 1-device axis: shard_map's sum of the initial state's
 gradient). On one CPU the "devices" share the cores, so the times show the
 overhead of splitting, not a speed-up; seq 128 is dominated by the combine.
 
-  python experiments/bench_sp.py                          # default: ~1-1.5 min on 2 cores
-  python experiments/bench_sp.py --seqs=4096,65536 --devices=1,8 --reps=7
+  python benchmarks/bench_sp.py                          # default: ~1-1.5 min on 2 cores
+  python benchmarks/bench_sp.py --seqs=4096,65536 --devices=1,8 --reps=7
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ both see the same machine load over the same window. Reports the ratio A/B of
 each pair's median times, their median and spread, and writes JSON.
 
   git worktree add /tmp/preseg 17b833f    # main before the segment-id merge
-  python experiments/segment_overhead.py --baseline=/tmp/preseg --pairs=6
+  python benchmarks/segment_overhead.py --baseline=/tmp/preseg --pairs=6
   git worktree remove /tmp/preseg
 """
 

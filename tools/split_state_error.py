@@ -15,7 +15,7 @@ max error relative to the output's RMS and max. The forward pass's output only (
 backward's dKV states are the same kind of sum, walked from the other end). The
 reference row: the float64 output itself rounded to bf16 (the op's output dtype).
 
-  python experiments/split_state_error.py            # b1 h8 d = e = 128, seq 65536
+  python tools/split_state_error.py            # b1 h8 d = e = 128, seq 65536
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """The command line's flags (defined only when run as a script: the tests import this
-    module beside experiments that define flags of the same names)."""
+    module beside other scripts that define flags of the same names)."""
     flags.DEFINE_integer("batch", 1, "Batch.")
     flags.DEFINE_integer("heads", 8, "Heads (ALiBi slopes).")
     flags.DEFINE_integer("seq", 65536, "Sequence length.")

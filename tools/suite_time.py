@@ -9,9 +9,9 @@ the tests issue 11 added over the time of everything else in the same run:
 Run the whole suite once with a junit file, then this script on it:
 
   PYTEST_ADDOPTS="--junitxml=/tmp/suite.xml" python -m pytest
-  python experiments/suite_time.py /tmp/suite.xml              # issue 11's tests
-  python experiments/suite_time.py /tmp/suite.xml --tests='tests/test_xla.py::*'
-  python experiments/suite_time.py /tmp/a.xml /tmp/b.xml   # partial runs, pooled
+  python tools/suite_time.py /tmp/suite.xml              # issue 11's tests
+  python tools/suite_time.py /tmp/suite.xml --tests='tests/test_xla.py::*'
+  python tools/suite_time.py /tmp/a.xml /tmp/b.xml   # partial runs, pooled
 
 --tests takes fnmatch patterns (`*`, `?`, `[` quoted as `[[]`) matched against
 node ids built from the junit record, `tests/test_pallas.py::TestTritonInterpret::

@@ -9,7 +9,7 @@ output, the final state and the gradients against the float64 reference for
 "highest" (exact float32), emulated TF32 and bfloat16 inputs, over a few shapes
 and slopes. These are emulation figures, not GPU measurements.
 
-    python experiments/tf32_error.py
+    python tools/tf32_error.py
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ instead of without; rows then say `segmented: true`.
 
 Needs the `[aot]` extra (`pip install -e ".[aot]"`). Example:
 
-    python experiments/compile_report.py --targets=h200,v5e,v6e --json=/tmp/compile.json
+    python tools/compile_report.py --targets=h200,v5e,v6e --json=/tmp/compile.json
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """The command line's flags (defined only when run as a script, so that the tests
-    can import this module beside other experiments that define flags of the same names)."""
+    can import this module beside other scripts that define flags of the same names)."""
     flags.DEFINE_list("targets", ["h200", "v5e", "v6e"], f"Any of {[*GPU_TARGETS, *TPU_TARGETS]}.")
     flags.DEFINE_list("impls", [], "Kernels to compile (default: every kernel of each target).")
     flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Input dtypes.")
@@ -168,7 +168,7 @@ def _wheel_ptxas_dir() -> str | None:
 def _worker_env(job: Job, dump_dir: str) -> dict[str, str]:
     env = dict(os.environ)
     # This checkout's kernels, whatever copy of the package is installed: the worker's
-    # sys.path starts at experiments/, not at the checkout's root.
+    # sys.path starts at tools/, not at the checkout's root.
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     env["JAX_PLATFORMS"] = "cpu"  # the compilers run without their devices

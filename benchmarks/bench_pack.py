@@ -8,8 +8,8 @@ per batch, so the same compute per step; the loss and tokens/s count real
 tokens only and the held-out loss is the same stream-window evaluation for both
 (see experiments/lm_train.py).
 
-  python experiments/bench_pack.py                     # demo preset, 300 steps, seeds 0,1
-  python experiments/bench_pack.py --steps=100 --seeds=0 --max_corpus_bytes=4000000
+  python benchmarks/bench_pack.py                     # demo preset, 300 steps, seeds 0,1
+  python benchmarks/bench_pack.py --steps=100 --seeds=0 --max_corpus_bytes=4000000
 
 Writes --out (JSON): per run the median real tokens/s over the log windows, the
 pad fraction of its batches and the final held-out loss; per seed the ratio of
@@ -19,7 +19,7 @@ interleaved timing (--timing_steps): one packed and one padded trainer in one
 process, their steps alternating (pack, pad, pack, ...), median seconds per step
 and the real tokens of those steps.
 
-  python experiments/bench_pack.py --notrain_runs --timing_steps=40   # timing only
+  python benchmarks/bench_pack.py --notrain_runs --timing_steps=40   # timing only
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from pathlib import Path
 import jax
 from absl import app, flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(_REPO, "experiments"), os.path.join(_REPO, "tools")]
 
 import lm_data  # noqa: E402
 import lm_train  # noqa: E402

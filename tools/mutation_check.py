@@ -26,9 +26,9 @@ interpreter is slow), the boundary-at-every-offset test for segment ids (Mosaic 
 at every offset of its 64-row block, in the dtype of the sweep mutated).
 Without --only the results are written to results/mutation_check.json and .md.
 
-  python experiments/mutation_check.py --nocontrol      # skip the unmodified runs
-  python experiments/mutation_check.py --nostop_at_first   # count every failing test
-  python experiments/mutation_check.py --only=triton_fwd_state_rounded,xla_fwd_chunk_state_rounded
+  python tools/mutation_check.py --nocontrol      # skip the unmodified runs
+  python tools/mutation_check.py --nostop_at_first   # count every failing test
+  python tools/mutation_check.py --only=triton_fwd_state_rounded,xla_fwd_chunk_state_rounded
 
 Exit status 1 if a mutation is missed or stale, or if the control run fails.
 """
@@ -279,7 +279,7 @@ MUTATIONS = [
     ),
     Mutation(  # one helper cuts the mask for both sweeps
         "mosaic_gpu_segment_mask_not_cut",
-        "pallas_kernels/mosaic_gpu.py",
+        "pallas_kernels/_mosaic_gpu_common.py",
         "return jnp.where(rows == cols, mask, 0.0)",
         "return mask",
         ("tests/test_mosaic_gpu.py", "-k", MOSAIC_GPU_SEGMENT_TESTS),
@@ -322,7 +322,7 @@ MUTATIONS = [
     ),
     Mutation(
         "bench_flops_d_equals_e_formula",
-        "experiments/bench_ops.py",
+        "benchmarks/bench_ops.py",
         "per_row = 2 * USEFUL_BLOCK * d + 2 * USEFUL_BLOCK * e + 2 * d * e + 2 * d * e",
         "per_row = 2 * USEFUL_BLOCK * d + 2 * USEFUL_BLOCK * d + 2 * d * e + 2 * d * e",
         ("tests/test_bench_ops.py", "-k", "flops"),
@@ -404,7 +404,7 @@ def write_results(path: str, control: list[dict], rows: list[dict], seconds: flo
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     record = dict(
         command=" ".join(
-            ["python experiments/mutation_check.py"]
+            ["python tools/mutation_check.py"]
             + [a for a in sys.argv[1:] if not a.startswith("--json")]
         ),
         date=time.strftime("%Y-%m-%d", time.gmtime()),

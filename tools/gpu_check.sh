@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command to check every implementation on one NVIDIA GPU and benchmark it:
 #
-#   bash experiments/gpu_check.sh            # from the repo root or anywhere
+#   bash tools/gpu_check.sh            # from the repo root or anywhere
 #
 # 1. Environment: uses the active virtualenv if one is active; otherwise creates
 #    .venv-gpu-check and installs this repo with its test extras and jax[cuda12]
@@ -49,7 +49,7 @@ if [[ "$backend" != "gpu" ]] || ! nvidia-smi -L > /dev/null 2>&1; then
   say "running what a CPU can: Mosaic GPU interpreter smoke tests and a tiny benchmark"
   python -m pytest -q -p no:cacheprovider tests/test_mosaic_gpu.py \
     -k "seq_one or defaults_return or auto_ or argument_errors or tiling" || status=1
-  python experiments/bench_ops.py --impls=xla --min_seq=1024 --max_seq=2048 --reps=1 \
+  python benchmarks/bench_ops.py --impls=xla --min_seq=1024 --max_seq=2048 --reps=1 \
     --matmul_size=256 --plot=false --ceiling=false --out="$OUT/bench_cpu_smoke.json" > "$OUT/bench_cpu_smoke.txt" 2>&1 \
     || status=1
   say "CPU part done (status $status); the device tests and GPU benchmarks need an NVIDIA GPU: skipped."
@@ -72,7 +72,7 @@ bench() {  # name, timeout seconds, then bench_ops flags
   local name=$1 limit=$2
   shift 2
   say "bench $name"
-  timeout "$limit" python experiments/bench_ops.py --dim=128 --dtype=bfloat16 --reps=3 \
+  timeout "$limit" python benchmarks/bench_ops.py --dim=128 --dtype=bfloat16 --reps=3 \
     --matmul_size=8192 --markdown --plot=false --ceiling=false \
     --out="$OUT/bench_$name.json" "$@" 2>&1 | tee "$OUT/bench_$name.txt"
   [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1

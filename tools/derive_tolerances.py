@@ -14,10 +14,10 @@ Each tolerance is --factor (default 4) times the worst error measured for that
 (the reference returns its final state in float32), rounded up to two
 significant digits. The factor leaves room for other seeds and XLA versions; it
 is small enough that a state rounded to bf16/f16 between blocks (errors 10-1000x
-the baseline, see `experiments/mutation_check.py`) fails.
+the baseline, see `tools/mutation_check.py`) fails.
 
-  python experiments/derive_tolerances.py      # all impls, ~10 min on 2 CPU cores
-  python experiments/derive_tolerances.py --impls=triton --dtypes=bfloat16
+  python tools/derive_tolerances.py      # all impls, ~10 min on 2 CPU cores
+  python tools/derive_tolerances.py --impls=triton --dtypes=bfloat16
 
 Prints a table and writes tests/tolerances.json (entries of impls and dtypes not
 measured in this run are kept). Pallas kernels run in the interpreter on CPU.
@@ -130,7 +130,7 @@ def main(argv):
             "Tolerances of tests/op_test_base.py per impl, input dtype, case and quantity: "
             "factor x the worst error measured against the float64 reference over the "
             "tests' seed and the extra seeds (raised to the floor first), rounded up to two "
-            "significant digits. Written by experiments/derive_tolerances.py; rerun it when "
+            "significant digits. Written by tools/derive_tolerances.py; rerun it when "
             "a kernel changes. measured: the errors, one per seed."
         ),
         factor=FLAGS.factor,

@@ -11,17 +11,17 @@ per token (XLA memory analysis). The same run measures the device's dense
 matmul rate. Timings are medians over interleaved repetitions, so every row
 sees the same machine load.
 
-  python experiments/bench_ops.py                      # CPU: b1 h8 d=e=64 f32, 1K..64K
-  python experiments/bench_ops.py --max_seq=262144     # longer sequences
+  python benchmarks/bench_ops.py                      # CPU: b1 h8 d=e=64 f32, 1K..64K
+  python benchmarks/bench_ops.py --max_seq=262144     # longer sequences
   # forward only at 64K, unsegmented and with segment ids (one run per row; random runs):
-  python experiments/bench_ops.py --impls=xla --min_seq=65536 --fwd_only \
+  python benchmarks/bench_ops.py --impls=xla --min_seq=65536 --fwd_only \
       --segments=none,one,random --noceiling --out=''
   # GPU, the paper's configuration, with cuDNN flash attention as the softmax anchor:
-  python experiments/bench_ops.py --batch=4 --heads=32 --dim=128 --dtype=bfloat16 \
+  python benchmarks/bench_ops.py --batch=4 --heads=32 --dim=128 --dtype=bfloat16 \
       --impls=triton,xla,cudnn --matmul_size=8192
   # TPU, the same configuration (impls default to mosaic_tpu,xla on a TPU backend; the
   # dense bf16 matmul is timed in the same run):
-  python experiments/bench_ops.py --batch=4 --heads=32 --dim=128 --dtype=bfloat16 \
+  python benchmarks/bench_ops.py --batch=4 --heads=32 --dim=128 --dtype=bfloat16 \
       --min_seq=2048 --max_seq=65536 --matmul_size=8192 --noceiling
 
 Prints a table and the targets of the issues, and writes JSON.
@@ -43,7 +43,11 @@ from jax import lax
 
 import lightning_jax as lj
 from lightning_jax import xla
-from machine_info import cpu_name
+
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+)
+from machine_info import cpu_name  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("impls", None, "Implementations to time (default: by backend).")

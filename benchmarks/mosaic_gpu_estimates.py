@@ -17,8 +17,8 @@ Y^T both read, XLA's transposes of Y and Z counted, TF32 at half the bf16 peak) 
 `--dtype=float32_highest` its split form (every operand as head and rest, three
 TF32 products each, XLA's splits counted), against the float32 roofline.
 
-  python experiments/mosaic_gpu_estimates.py            # prints a markdown table
-  python experiments/mosaic_gpu_estimates.py --dtype=float32
+  python benchmarks/mosaic_gpu_estimates.py            # prints a markdown table
+  python benchmarks/mosaic_gpu_estimates.py --dtype=float32
 """
 
 from __future__ import annotations

@@ -88,7 +88,9 @@ class LightningAttention(nn.Module):
         q, k, v, u = split_qkvu(qkvu, self.num_heads, head_dim)
         slopes = layer_slopes(self.num_heads, self.layer_idx, self.num_layers)
         check_interpret("linen.LightningAttention", self.interpret)
-        op_kwargs = dict(impl=self.impl, block_size=self.block_size, interpret=self.interpret)
+        op_kwargs = dict(
+            impl=self.impl, block_size=self.block_size, interpret=self.interpret, layout="bthd"
+        )
         if decode:
             initialized = self.has_variable("cache", "state")
             shape = (x.shape[0], self.num_heads, head_dim, head_dim)

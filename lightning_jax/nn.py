@@ -137,24 +137,26 @@ def simple_rms_norm(x: jax.Array, epsilon: float = 1e-6, dtype: Dtype | None = N
 
 
 def split_qkvu(qkvu: jax.Array, num_heads: int, head_dim: int):
-    """`[B, T, 4*H*d]` -> q, k (SiLU applied), v `[B, H, T, d]` and the gate u `[B, T, H*d]`.
+    """`[B, T, 4*H*d]` -> q, k (SiLU applied), v `[B, T, H, d]` and the gate u `[B, T, H*d]`.
 
     The fused projection's columns are [q | k | v | u], each head-major
-    (`(h d)`), as in TransNormerLLM's `qkvu_proj(x).chunk(4, -1)`.
+    (`(h d)`), as in TransNormerLLM's `qkvu_proj(x).chunk(4, -1)`. The heads
+    stay in the projection's `[B, T, H, d]` layout (a free reshape): the op
+    takes it as layout="bthd", so no transpose surrounds the kernel.
     """
     batch, seq, _ = qkvu.shape
     q, k, v, u = jnp.split(qkvu, 4, axis=-1)
 
     def heads(t):
-        return t.reshape(batch, seq, num_heads, head_dim).transpose(0, 2, 1, 3)
+        return t.reshape(batch, seq, num_heads, head_dim)
 
     return heads(jax.nn.silu(q)), heads(jax.nn.silu(k)), heads(v), u
 
 
 def merge_heads(o: jax.Array) -> jax.Array:
-    """`[B, H, T, d]` -> `[B, T, H*d]`."""
-    batch, heads, seq, dim = o.shape
-    return o.transpose(0, 2, 1, 3).reshape(batch, seq, heads * dim)
+    """`[B, T, H, d]` -> `[B, T, H*d]` (a free reshape)."""
+    batch, seq, heads, dim = o.shape
+    return o.reshape(batch, seq, heads * dim)
 
 
 # --- modules -------------------------------------------------------------------------------
@@ -388,7 +390,9 @@ class LightningAttention(nnx.Module):
             initial_state = self._cached_state(x.shape[0])
         q, k, v, u = split_qkvu(self.qkvu_proj(x), self.num_heads, self.head_dim)
         slopes = self.slopes[...]
-        op_kwargs = dict(impl=self.impl, block_size=self.block_size, interpret=self.interpret)
+        op_kwargs = dict(
+            impl=self.impl, block_size=self.block_size, interpret=self.interpret, layout="bthd"
+        )
         if segment_ids is not None:
             op_kwargs["segment_ids"] = segment_ids
         if decode:

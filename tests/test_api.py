@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ import lightning_jax as lj
 from jaxpr_tools import primitives_outside
 from lightning_jax import _checks, api, parallel, reference, varlen
 from lightning_jax.nn import LightningAttention
-from op_test_base import F32_TOL, assert_close, make_inputs
+from op_test_base import F32_TOL, assert_close, make_inputs, random_runs
 
 
 @pytest.fixture
@@ -116,15 +118,31 @@ def test_mixed_dtypes_are_refused_before_compute():
         )
 
 
-@pytest.mark.parametrize("layout", ["bhtd", "bthd"])
-def test_sharded_op_in_both_layouts(layout):
-    """The sequence-parallel op over a 4-device mesh equals one device, in each layout."""
+def test_sharded_op_in_bthd_layout():
+    """The sequence-parallel op over a 4-device mesh, [B, T, H, D] with packed runs, equals
+    the one-device reference ("bhtd" is tests/test_parallel.py's)."""
     mesh = Mesh(np.array(jax.devices()[:4]), ("seq",))
     q, k, v, s0, *_ = make_inputs(3, 1, 2, 16, 4, 3)
-    if layout == "bthd":
-        q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
-    kwargs = dict(initial_state=s0, return_final_state=True, impl="xla", layout=layout)
-    got = parallel.lightning_attention_sharded(q, k, v, 0.2, mesh=mesh, seq_axis="seq", **kwargs)
-    want = lj.lightning_attention(q, k, v, 0.2, **kwargs)
-    for name, a, b in zip(("o", "state"), got, want):
+    ids = jnp.asarray(random_runs(3, 1, 16, max_len=6))
+    t = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
+    kwargs = dict(initial_state=s0, return_final_state=True, segment_ids=ids)
+    o, state = parallel.lightning_attention_sharded(
+        t(q), t(k), t(v), 0.2, mesh=mesh, seq_axis="seq", impl="xla", layout="bthd", **kwargs
+    )
+    want = reference.naive_attention(q, k, v, 0.2, **kwargs)
+    for name, a, b in zip(("o", "state"), (t(o), state), want):
         assert_close(a, b, F32_TOL, name)
+
+
+def test_varlen_in_bthd_layout():
+    """Packed sequences with their own states, [1, total, H, D], equal the "bhtd" call."""
+    q, k, v, *_ = make_inputs(4, 1, 2, 20, 4, 3)
+    states = jax.random.normal(jax.random.PRNGKey(5), (3, 2, 4, 3))
+    cu = np.array([0, 6, 7, 20])
+    t = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
+    kwargs = dict(cu_seqlens=cu, initial_states=states, return_final_states=True, impl="xla")
+    o, finals = lj.lightning_attention_varlen(t(q), t(k), t(v), 0.3, layout="bthd", **kwargs)
+    want_o, want_finals = lj.lightning_attention_varlen(q, k, v, 0.3, **kwargs)
+    assert o.shape == (1, 20, 2, 3)
+    assert_close(t(o), want_o, F32_TOL, "o")
+    assert_close(finals, want_finals, F32_TOL, "final states")

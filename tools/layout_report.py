@@ -140,7 +140,8 @@ def main(argv) -> None:
     shape = tuple(int(x) for x in FLAGS.shape.split("x"))
     if FLAGS.worker:
         spec = json.loads(FLAGS.worker)
-        print(json.dumps(compile_mixer(spec["target"], spec["layout"], shape, spec["dtype"])))
+        figures = compile_mixer(spec["target"], spec["layout"], tuple(spec["shape"]), spec["dtype"])
+        print(json.dumps(figures))
         return
     rows = [run(t, layout, shape, FLAGS.dtype) for t in FLAGS.targets for layout in LAYOUTS]
     print(f"LightningAttention mixer fwd+bwd, [B, T, H, D] = {FLAGS.shape}, {FLAGS.dtype}")

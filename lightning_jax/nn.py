@@ -237,8 +237,9 @@ class LightningAttention(nnx.Module):
     For x `[B, T, D]`:
 
         q, k, v, u = split(x @ W_qkvu)         W_qkvu: [D, 4*H*d], columns [q | k | v | u]
-        q, k = silu(q), silu(k)                 (per head: [B, H, T, d])
-        o = lightning_attention(q, k, v, slopes)   per-layer decay, no softmax, no scale
+        q, k = silu(q), silu(k)                 (per head: [B, T, H, d], a free reshape)
+        o = lightning_attention(q, k, v, slopes, layout="bthd")   per-layer decay,
+                                                no softmax, no scale; no transpose
         y = (SimpleRMSNorm(o over all H*d features) * u) @ W_out      W_out: [H*d, D]
 
     `slopes = layer_slopes(num_heads, layer_idx, num_layers)` are kept as

@@ -63,7 +63,7 @@ flags.DEFINE_integer("reps", 7, "Interleaved repetitions (median reported).")
 flags.DEFINE_integer("matmul_size", 2048, "Square matmul size for the device's FLOP/s.")
 flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s for the roofline (default: table/measured).")
 flags.DEFINE_float("peak_gbps", None, "Peak memory GB/s for the roofline (default: table).")
-flags.DEFINE_string("out", "results/bench_ops.json", "JSON output path ('' to skip).")
+flags.DEFINE_string("out", "runs/bench_ops.json", "JSON output path ('' to skip).")
 flags.DEFINE_bool(
     "fwd_only", False, "Time the forward only (prints a short table; no markdown or plots)."
 )

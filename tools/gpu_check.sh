@@ -14,7 +14,7 @@
 #    GPU kernels in bf16, f16 and float32 (TF32) on sm_90+), then bench_ops.py at the paper's shape
 #    (b4 h32 d=e=128 bf16, seq 1K..64K; mosaic_gpu, triton and cuDNN flash
 #    attention as the softmax anchor; the XLA path to 16K) and at b1 h8, writing
-#    JSON and markdown tables under results/gpu_check/ (GPU_CHECK_OUT overrides).
+#    JSON and markdown tables under runs/gpu_check/ (GPU_CHECK_OUT overrides).
 #    Every step has a time limit, to finish in under 8 minutes on an H100-class
 #    GPU.
 # 4. Prints the line to record in lightning_jax/api.py (MOSAIC_GPU_VALIDATED)
@@ -22,7 +22,7 @@
 #    every step passed (or there is no GPU), 1 otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${GPU_CHECK_OUT:-results/gpu_check}
+OUT=${GPU_CHECK_OUT:-runs/gpu_check}
 mkdir -p "$OUT"
 status=0
 say() { echo "[gpu_check $(date -u +%H:%M:%S)] $*"; }

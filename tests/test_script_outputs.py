@@ -18,7 +18,7 @@ OUTPUT_FLAGS = {"out", "json", "workdir"}
 
 
 def _output_defaults(path: Path) -> list[tuple[str, object]]:
-    """(name, default) of every output flag and DEFAULT_JSON constant in a script."""
+    """(name, default) of every output flag (absl or argparse) and DEFAULT_JSON constant."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Call) and getattr(node.func, "attr", "").startswith("DEFINE_"):
@@ -26,6 +26,13 @@ def _output_defaults(path: Path) -> list[tuple[str, object]]:
             if len(args) >= 2 and isinstance(args[0], ast.Constant):
                 if args[0].value in OUTPUT_FLAGS and isinstance(args[1], ast.Constant):
                     found.append((args[0].value, args[1].value))
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+            name = (
+                node.args[0].value if node.args and isinstance(node.args[0], ast.Constant) else ""
+            )
+            for kw in node.keywords:
+                if name.lstrip("-") in OUTPUT_FLAGS and kw.arg == "default":
+                    found.append((name.lstrip("-"), getattr(kw.value, "value", kw.value)))
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
             for target in node.targets:
                 if isinstance(target, ast.Name) and target.id == "DEFAULT_JSON":

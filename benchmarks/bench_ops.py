@@ -27,7 +27,7 @@ sees the same machine load.
   python benchmarks/bench_ops.py --batch=4 --heads=32 --dim=128 --dtype=bfloat16 \
       --min_seq=2048 --max_seq=65536 --matmul_size=8192 --noceiling
 
-Prints a table and the targets of the issues, and writes JSON.
+Prints a table and the design targets, and writes JSON.
 """
 
 from __future__ import annotations
@@ -394,7 +394,7 @@ def _by_impl(result: dict) -> dict:
 
 
 def report(result: dict) -> list[str]:
-    """Table lines, then each issue's targets."""
+    """Table lines, then the design targets."""
     mm = result["matmul_gflops"]
     lines = [
         f"dense matmul: {mm:.1f} GFLOP/s (median); roofline peaks: "

@@ -471,7 +471,7 @@ def report(result: dict) -> list[str]:
 
 
 def markdown(result: dict) -> str:
-    """The table as markdown, for the README."""
+    """The table as markdown, for the benchmarks page (docs/benchmarks.md)."""
     mm = result["matmul_gflops"]
     lines = [
         "| impl | seq | fwd us/token | fwd+bwd us/token | fwd GFLOP/s | of matmul "

@@ -107,8 +107,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default="runs/bench_torch.json", help="JSON ('' to skip)")
     args = parser.parse_args(argv)
-
-    import torch
+    try:
+        import torch
+    except ImportError:
+        print("bench_torch: needs torch with CUDA (and triton); torch is not installed")
+        return 1
 
     if not torch.cuda.is_available():
         print("bench_torch: no CUDA device; these kernels run on NVIDIA GPUs only")

@@ -16,6 +16,9 @@ sees the same machine load.
   # forward only at 64K, unsegmented and with segment ids (one run per row; random runs):
   python benchmarks/bench_ops.py --impls=xla --min_seq=65536 --fwd_only \
       --segments=none,one,random --noceiling --out=''
+  # softmax attention as JAX users call it (jax.nn.dot_product_attention, causal,
+  # [B, T, H, D]) beside the lightning impls, at the same shapes (CPU: up to 8K):
+  python benchmarks/bench_ops.py --impls=xla,softmax --max_seq=16384
   # GPU, the paper's configuration, with cuDNN flash attention as the softmax anchor:
   python benchmarks/bench_ops.py --batch=4 --heads=32 --dim=128 --dtype=bfloat16 \
       --impls=triton,xla,cudnn --matmul_size=8192
@@ -24,7 +27,7 @@ sees the same machine load.
   python benchmarks/bench_ops.py --batch=4 --heads=32 --dim=128 --dtype=bfloat16 \
       --min_seq=2048 --max_seq=65536 --matmul_size=8192 --noceiling
 
-Prints a table and the targets of the issues, and writes JSON.
+Prints a table and the design targets, and writes JSON.
 """
 
 from __future__ import annotations
@@ -59,11 +62,17 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Input
 flags.DEFINE_integer("min_seq", 1024, "Smallest seq (powers of two up to max_seq).")
 flags.DEFINE_integer("max_seq", 65536, "Largest seq.")
 flags.DEFINE_integer("reference_max_seq", 4096, "The O(n^2) reference only up to this seq.")
+flags.DEFINE_integer(
+    "softmax_max_seq",
+    8192,
+    "impl softmax (XLA's jax.nn.dot_product_attention, O(n^2) memory off GPU) only up to "
+    "this seq; cudnn has no limit.",
+)
 flags.DEFINE_integer("reps", 7, "Interleaved repetitions (median reported).")
 flags.DEFINE_integer("matmul_size", 2048, "Square matmul size for the device's FLOP/s.")
 flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s for the roofline (default: table/measured).")
 flags.DEFINE_float("peak_gbps", None, "Peak memory GB/s for the roofline (default: table).")
-flags.DEFINE_string("out", "results/bench_ops.json", "JSON output path ('' to skip).")
+flags.DEFINE_string("out", "runs/bench_ops.json", "JSON output path ('' to skip).")
 flags.DEFINE_bool(
     "fwd_only", False, "Time the forward only (prints a short table; no markdown or plots)."
 )
@@ -84,7 +93,7 @@ flags.DEFINE_integer("ceiling_block", xla.DEFAULT_BLOCK, "Block of the ceiling's
 flags.DEFINE_integer("ceiling_chunk", xla.DEFAULT_CHUNK, "Chunk of the ceiling's matmuls.")
 
 DEFAULT_IMPLS = {
-    "cpu": ["xla", "reference"],
+    "cpu": ["xla", "reference", "softmax"],
     "gpu": ["triton", "xla", "cudnn"],
     "tpu": ["mosaic_tpu", "xla"],
 }
@@ -102,6 +111,10 @@ DEVICE_PEAKS = {
 
 
 USEFUL_BLOCK = 64  # the block of the FLOP count (the Triton kernel's default)
+# Softmax attention as JAX users call it, `jax.nn.dot_product_attention(q, k, v,
+# is_causal=True)` on [batch, seq, heads, d]: "softmax" lets JAX pick the implementation
+# (XLA's, or cuDNN's where it applies), "cudnn" asks for cuDNN's fused flash attention.
+SOFTMAX_IMPLS = {"softmax": None, "cudnn": "cudnn"}
 
 
 def useful_flops(n: int, batch: int, heads: int, d: int, e: int) -> float:
@@ -157,10 +170,13 @@ def segment_ids_for(mode: str, batch: int, n: int, seed: int = 0) -> tuple[jax.A
 
 def _make_fns(impl: str, slopes):
     """Forward (q, k, v[, segment_ids]) -> o and forward+backward (q, k, v, do[, segment_ids])."""
-    if impl == "cudnn":  # softmax anchor: [batch, seq, heads, d] layout, causal
+    if impl in SOFTMAX_IMPLS:  # softmax anchor: [batch, seq, heads, d] layout, causal
+        implementation = SOFTMAX_IMPLS[impl]
 
         def fwd(q, k, v):
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+            return jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation=implementation
+            )
 
     else:
 
@@ -187,12 +203,14 @@ def run(
     dim_v=None,
     kinds=("fwd", "fwd_bwd"),
     segments=("none",),
+    softmax_max_seq=None,
 ) -> dict:
     """Measures every (impl, seq); returns the rows and the matmul rate.
 
     dim is d (q, k), dim_v is e (v, o; None: d). kinds: which of "fwd", "fwd_bwd"
-    to time. segments: SEGMENT_MODES to time each impl with (cudnn: "none" only);
-    a segmented row's impl is labelled impl+seg_<mode>.
+    to time. segments: SEGMENT_MODES to time each impl with (softmax, cudnn: "none"
+    only); a segmented row's impl is labelled impl+seg_<mode>. impl "softmax" runs up to
+    softmax_max_seq (None: every seq).
     """
     dim_v = dim if dim_v is None else dim_v
     slopes = lj.alibi_slopes(heads)
@@ -209,17 +227,19 @@ def run(
         jax.block_until_ready(fresh_output(x))
         jobs.append(("fresh-output", n, "fwd", fresh_output, (x,)))
     for impl, mode in [(i, m) for i in impls for m in segments]:
-        if impl == "cudnn" and mode != "none":
+        if impl in SOFTMAX_IMPLS and mode != "none":
             continue
         fwd, fwd_bwd = _make_fns(impl, slopes)
         label = impl if mode == "none" else f"{impl}+seg_{mode}"
         for n in seqs:
             if impl == "reference" and n > reference_max_seq:
                 continue
+            if impl == "softmax" and softmax_max_seq is not None and n > softmax_max_seq:
+                continue
             q, k, v, do = (
                 jax.random.normal(
                     kk,
-                    (batch, n, heads, width) if impl == "cudnn" else (batch, heads, n, width),
+                    (batch, n, heads, width) if impl in SOFTMAX_IMPLS else (batch, heads, n, width),
                     jnp.float32,
                 ).astype(dtype)
                 for kk, width in zip(
@@ -262,7 +282,7 @@ def run(
     for row in rows.values():
         n = row["seq"]
         row["fresh_output_us_per_token"] = alloc[n] / n * 1e6
-        if row["impl"] == "cudnn":
+        if row["impl"] in SOFTMAX_IMPLS:
             flops = softmax_flops(n, batch, heads, dim, dim_v)
         else:
             flops = useful_flops(n, batch, heads, dim, dim_v)
@@ -374,7 +394,7 @@ def _by_impl(result: dict) -> dict:
 
 
 def report(result: dict) -> list[str]:
-    """Table lines, then each issue's targets."""
+    """Table lines, then the design targets."""
     mm = result["matmul_gflops"]
     lines = [
         f"dense matmul: {mm:.1f} GFLOP/s (median); roofline peaks: "
@@ -398,7 +418,7 @@ def report(result: dict) -> list[str]:
         )
     by_impl = _by_impl(result)
     for impl, by_seq in by_impl.items():
-        if impl in ("reference", "cudnn") or len(by_seq) < 2:
+        if impl == "reference" or impl in SOFTMAX_IMPLS or len(by_seq) < 2:
             continue
         lo, hi = min(by_seq), max(by_seq)
         first, last = by_seq[lo], by_seq[hi]
@@ -414,14 +434,17 @@ def report(result: dict) -> list[str]:
             + ", ".join(f"{m:.0f}" for m in mem)
             + " (target: flat, not growing)",
         ]
-        if "cudnn" in by_impl:
-            wins = [
-                n
-                for n in sorted(by_seq)
-                if n in by_impl["cudnn"]
-                and by_seq[n]["fwd_bwd_s"] < by_impl["cudnn"][n]["fwd_bwd_s"]
-            ]
-            lines.append(f"[{impl}] fwd+bwd faster than cuDNN at seq {wins} (target: from 2K up)")
+        for softmax in [name for name in SOFTMAX_IMPLS if name in by_impl]:
+            both = [n for n in sorted(by_seq) if n in by_impl[softmax]]
+            wins = [n for n in both if by_seq[n]["fwd_bwd_s"] < by_impl[softmax][n]["fwd_bwd_s"]]
+            ratios = ", ".join(
+                f"{n}: x{by_impl[softmax][n]['fwd_bwd_s'] / by_seq[n]['fwd_bwd_s']:.2f}"
+                for n in both
+            )
+            lines.append(
+                f"[{impl}] fwd+bwd time of {softmax} / {impl} by seq: {ratios}; "
+                f"{impl} faster at seq {wins}"
+            )
         ceiling = result.get("xla_chunk_matmuls")
         if impl == "xla" and ceiling:
             mm_c = ceiling["matmul_gflops"]
@@ -448,7 +471,7 @@ def report(result: dict) -> list[str]:
 
 
 def markdown(result: dict) -> str:
-    """The table as markdown, for the README."""
+    """The table as markdown, for the benchmarks page (docs/benchmarks.md)."""
     mm = result["matmul_gflops"]
     lines = [
         "| impl | seq | fwd us/token | fwd+bwd us/token | fwd GFLOP/s | of matmul "
@@ -538,6 +561,7 @@ def main(argv):
         FLAGS.dim_v,
         kinds=("fwd",) if FLAGS.fwd_only else ("fwd", "fwd_bwd"),
         segments=FLAGS.segments,
+        softmax_max_seq=FLAGS.softmax_max_seq,
     )
     if FLAGS.ceiling and "xla" in impls:
         result["xla_chunk_matmuls"] = chunk_matmuls(

@@ -52,7 +52,7 @@ flags.DEFINE_integer("max_corpus_bytes", None, "Read at most this many corpus by
 flags.DEFINE_string("workdir", "runs/bench_pack", "Where the runs write (overwritten).")
 flags.DEFINE_bool("train_runs", True, "Train the pack and pad runs of every seed.")
 flags.DEFINE_integer("timing_steps", 30, "Interleaved timed steps per mode (0: none).")
-flags.DEFINE_string("out", "results/pack_vs_pad.json", "The JSON summary.")
+flags.DEFINE_string("out", "runs/pack_vs_pad.json", "The JSON summary.")
 FLAGS = flags.FLAGS
 
 

@@ -43,7 +43,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("dim", 64, "d = e.")
     flags.DEFINE_string("impl", "xla", "Single-device implementation run on each shard.")
     flags.DEFINE_integer("reps", 5, "Interleaved repetitions (median reported).")
-    flags.DEFINE_string("out", "results/bench_sp.json", "JSON output path ('' to skip).")
+    flags.DEFINE_string("out", "runs/bench_sp.json", "JSON output path ('' to skip).")
 
 
 COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "reduce-scatter", "all-to-all")

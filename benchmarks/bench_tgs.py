@@ -122,7 +122,7 @@ def _define_flags():
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
     flags.DEFINE_string("impl", "auto", "Lightning op implementation.")
     flags.DEFINE_list("mixers", ["lightning", "softmax"], "Models to measure.")
-    flags.DEFINE_string("out", "results/bench_tgs.json", "JSON path (PNG beside it).")
+    flags.DEFINE_string("out", "runs/bench_tgs.json", "JSON path (PNG beside it).")
 
 
 def main(argv):

@@ -32,7 +32,7 @@ flags.DEFINE_integer("pairs", 6, "A/B pairs (each: two fresh bench_ops processes
 flags.DEFINE_integer("seq", 65536, "Sequence length.")
 flags.DEFINE_integer("reps", 5, "bench_ops --reps per process (its median is the sample).")
 flags.DEFINE_string("impl", "xla", "Implementation.")
-flags.DEFINE_string("out", "results/segment_overhead.json", "JSON output path.")
+flags.DEFINE_string("out", "runs/segment_overhead.json", "JSON output path.")
 FLAGS = flags.FLAGS
 
 

@@ -253,7 +253,7 @@ def _define_flags():
     flags.DEFINE_integer("eval_sequences", 512, "Held-out sequences per context length.")
     flags.DEFINE_integer("seed", 0, "Seed of the init and the data.")
     flags.DEFINE_bool("fused", True, "One token per key-value pair (3N tokens), else 4N.")
-    flags.DEFINE_string("out", "results/recall/recall.json", "JSON path (PNG beside it).")
+    flags.DEFINE_string("out", "runs/recall/recall.json", "JSON path (PNG beside it).")
     flags.DEFINE_list("merge", [], "Join these JSONs of one-mixer runs into --out; no training.")
 
 

@@ -222,7 +222,8 @@ def case_errors(op_stateful, case: tuple, dtype, seed: int) -> dict[str, float]:
 def _tolerance_file() -> dict:
     if not TOLERANCES_PATH.exists():
         raise FileNotFoundError(
-            f"{TOLERANCES_PATH} is missing: run python tools/derive_tolerances.py"
+            f"{TOLERANCES_PATH} is missing: run python tools/derive_tolerances.py "
+            "--out=tests/tolerances.json"
         )
     return json.loads(TOLERANCES_PATH.read_text())
 
@@ -239,7 +240,7 @@ def tolerances(impl: str, dtype, case: tuple) -> dict[str, float]:
         raise KeyError(
             f"no derived tolerances for impl={impl!r}, dtype={name}, case {case_id(case)} in "
             f"{TOLERANCES_PATH}: derive them with python tools/derive_tolerances.py "
-            f"--impls={impl} --dtypes={name}"
+            f"--impls={impl} --dtypes={name} --out=tests/tolerances.json"
         )
     return found
 

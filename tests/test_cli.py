@@ -173,7 +173,8 @@ def test_default_workdir_is_git_ignored_and_the_demo_copy_is_tracked():
             for name in ("metrics.jsonl", "loss.png", "config.json", "checkpoints/4/x"):
                 path = f"{workdir}/{name}"
                 assert _git("check-ignore", "-q", path).returncode == 0, path
-    # The README's demo figures: a committed copy that a default run does not write to.
+    # The documented demo figures (docs/getting-started.md): a committed copy that a default
+    # run does not write to.
     for name in ("metrics.jsonl", "loss.png", "config.json"):
         tracked = _git("ls-files", "--error-unmatch", f"results/train_demo/{name}")
         assert tracked.returncode == 0, tracked.stderr

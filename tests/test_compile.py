@@ -104,7 +104,7 @@ def test_compiles(job, rows):
         # Tensor cores for bf16 and for float32 at the default (TF32) precision.
         assert kernel.get("wgmma", 0) + kernel.get("mma", 0) > 0, kernel
         # No spills in bf16 anywhere, nor in Mosaic GPU's float32 (TF32) kernels; Triton's
-        # float32 kernels spill (README, compile facts).
+        # float32 kernels spill (docs/kernels.md, compiling for hardware you don't have).
         if job.dtype == "bfloat16" or job.impl == "mosaic_gpu":
             assert compile_report.spill_bytes(kernel) == 0, kernel
 

@@ -24,7 +24,8 @@ float32-state probe plus the derived-tolerance cases that carry a state across m
 blocks (2048 and 4096 rows) for the roundings (the probe alone for Mosaic GPU, whose
 interpreter is slow), the boundary-at-every-offset test for segment ids (Mosaic GPU:
 at every offset of its 64-row block, in the dtype of the sweep mutated).
-Without --only the results are written to results/mutation_check.json and .md.
+Without --only the results are written to runs/mutation_check.json and .md
+(--json=results/mutation_check.json for the committed record).
 
   python tools/mutation_check.py --nocontrol      # skip the unmodified runs
   python tools/mutation_check.py --nostop_at_first   # count every failing test
@@ -61,9 +62,10 @@ flags.DEFINE_string(
     "json",
     None,
     "Write the results here as JSON, and a markdown table beside it (.md). Default: "
-    "results/mutation_check.json when every mutation runs (no --only), else nowhere.",
+    "runs/mutation_check.json when every mutation runs (no --only), else nowhere "
+    "(--json=results/mutation_check.json: the committed record).",
 )
-DEFAULT_JSON = "results/mutation_check.json"
+DEFAULT_JSON = "runs/mutation_check.json"
 
 ROUND = ".astype({dtype}).astype(jnp.float32)"
 # The exact probe of the carried state, and the derived-tolerance tests at 2048 (no decay)

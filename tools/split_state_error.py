@@ -43,7 +43,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("seq", 65536, "Sequence length.")
     flags.DEFINE_integer("dim", 128, "d = e.")
     flags.DEFINE_integer("seed", 0, "Input seed.")
-    flags.DEFINE_string("out", "results/split_state_error.json", "JSON file (empty: none).")
+    flags.DEFINE_string("out", "runs/split_state_error.json", "JSON file (empty: none).")
 
 
 def relative_errors(actual: np.ndarray, expected: np.ndarray) -> dict[str, float]:

@@ -94,8 +94,8 @@ def check_inputs(q, k, v, slopes, initial_state, layout: str = "bhtd") -> jax.Ar
         )
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(
-            f"v must match q in all but the last axis ([{axes}] with e for dim); got "
-            f"q {_shape_str(q)}, v {_shape_str(v)}"
+            f"v must match q in every axis but the last ([{axes.replace('dim', 'e')}], "
+            f"layout={layout!r}); got q {_shape_str(q)}, v {_shape_str(v)}"
         )
     batch, heads, seq, d, e = dims_of(q, v, layout)
     if seq < 1 or d < 1 or e < 1 or batch < 1 or heads < 1:

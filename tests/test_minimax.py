@@ -1,0 +1,306 @@
+"""MiniMax-01 in Flax NNX against transformers' torch MiniMaxForCausalLM (tiny random configs).
+
+The checkpoint is written by transformers (`save_pretrained`) and loaded by
+`lightning_jax.hf.from_pretrained`; logits, greedy generations and gradients
+are compared with the torch model's in float32.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+from lightning_jax import generate, hf  # noqa: E402
+from lightning_jax.minimax import MiniMaxForCausalLM  # noqa: E402
+from lightning_jax.slopes import minimax_slopes  # noqa: E402
+
+VOCAB = 98
+# Hybrid layers (lightning first, as in MiniMax-01), 6 heads (not a power of two), 2 key/value
+# heads (grouped-query attention), 4 experts with top-2 routing, non-unit residual factors.
+TORCH_CONFIG = dict(
+    vocab_size=VOCAB,
+    hidden_size=48,
+    intermediate_size=40,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=8,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    layer_types=["linear_attention", "full_attention", "linear_attention"],
+    block_size=16,
+    max_position_embeddings=64,
+    initializer_range=0.1,
+    linear_attn_alpha_factor=1.5,
+    linear_attn_beta_factor=0.75,
+    full_attn_alpha_factor=0.9,
+    full_attn_beta_factor=1.25,
+    mlp_alpha_factor=1.1,
+    mlp_beta_factor=0.8,
+)
+
+
+@nnx.jit
+def _forward(m, tokens, segment_ids=None):
+    return m(tokens, segment_ids=segment_ids)
+
+
+@nnx.jit
+def _decode(m, tokens):
+    return m(tokens, decode=True)
+
+
+def _rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """(directory, torch model) of a tiny random MiniMax saved by transformers."""
+    torch.manual_seed(0)
+    config = transformers.MiniMaxConfig(**TORCH_CONFIG)
+    model = transformers.MiniMaxForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("minimax")
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return hf.from_pretrained(checkpoint[0], impl="xla")
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return np.random.default_rng(0).integers(0, VOCAB, (2, 21))
+
+
+@pytest.fixture(scope="module")
+def torch_logits(checkpoint, tokens):
+    with torch.no_grad():
+        return checkpoint[1](torch.tensor(tokens)).logits.numpy()
+
+
+def test_minimax_slopes_match_transformers():
+    from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
+
+    for heads, layers in ((6, 4), (64, 80)):
+        config = transformers.MiniMaxConfig(
+            hidden_size=heads * 2, num_attention_heads=heads, num_hidden_layers=layers, block_size=2
+        )
+        for layer in (0, 1, layers - 1):
+            want = MiniMaxLightningAttention(config, layer).get_slope_rate().reshape(-1).numpy()
+            got = np.asarray(minimax_slopes(heads, layer, layers))
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
+
+
+def test_logits_match_transformers(model, tokens, torch_logits):
+    assert _rel_err(_forward(model, jnp.asarray(tokens)), torch_logits) <= 1e-5
+
+
+def test_chunked_prefill_equals_full_forward(model, tokens, torch_logits):
+    decoder = nnx.clone(model)
+    decoder.init_cache(tokens.shape[0])
+    parts = [
+        decoder(jnp.asarray(tokens[:, a:b]), decode=True) for a, b in ((0, 7), (7, 8), (8, 21))
+    ]
+    assert _rel_err(jnp.concatenate(parts, axis=1), torch_logits) <= 1e-5
+
+
+def test_greedy_generate_matches_transformers(checkpoint, model, tokens):
+    prompt = tokens[:, :5]
+    with torch.no_grad():
+        # use_cache=False: every step is a full forward (transformers' MiniMax cache mis-places
+        # the softmax layers' positions when layer 0 is a lightning layer).
+        want = checkpoint[1].generate(
+            torch.tensor(prompt), max_new_tokens=8, do_sample=False, use_cache=False
+        )
+    got = generate(model, jnp.asarray(prompt), 8, temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(got), want.numpy())
+
+
+def test_gradients_match_torch_autograd(checkpoint, model, tokens):
+    torch_model = checkpoint[1]
+    embeds = np.asarray(model.embed_tokens(jnp.asarray(tokens)))
+    labels = tokens[:, 1:]
+
+    def jax_loss(m, x):
+        logits = m(None, inputs_embeds=x)[:, :-1]
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(labels)[..., None], axis=-1))
+
+    grad_fn = nnx.jit(nnx.value_and_grad(jax_loss, argnums=(0, 1)))
+    loss, (grads, grad_x) = grad_fn(model, jnp.asarray(embeds))
+
+    x = torch.tensor(embeds, requires_grad=True)
+    torch_model.zero_grad()
+    logits = torch_model(inputs_embeds=x).logits[:, :-1]
+    want_loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, VOCAB), torch.tensor(labels).reshape(-1)
+    )
+    want_loss.backward()
+    assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss))
+    assert _rel_err(grad_x, x.grad.numpy()) <= 1e-5
+    layers = torch_model.model.layers
+    pairs = [
+        (grads.layers[0].self_attn.qkv_proj.kernel, layers[0].self_attn.qkv_proj.weight.grad.T),
+        (grads.layers[0].self_attn.norm.weight, layers[0].self_attn.norm.weight.grad),
+        (grads.layers[1].self_attn.k_proj.kernel, layers[1].self_attn.k_proj.weight.grad.T),
+        (grads.layers[2].block_sparse_moe.w1[1], layers[2].mlp.experts.gate_up_proj.grad[1, :40].T),
+        (grads.layers[2].block_sparse_moe.gate.kernel, layers[2].mlp.gate.weight.grad.T),
+    ]
+    for got, want in pairs:
+        assert _rel_err(got[...], want.numpy()) <= 1e-5
+
+
+def test_bf16_checkpoint_loads(checkpoint, tmp_path, tokens, torch_logits):
+    torch_model = copy.deepcopy(checkpoint[1]).to(torch.bfloat16)
+    torch_model.save_pretrained(tmp_path)
+    loaded = hf.from_pretrained(tmp_path, impl="xla")
+    kernel = loaded.layers[0].self_attn.qkv_proj.kernel[...]
+    assert kernel.dtype == jnp.bfloat16
+    want = torch_model.model.layers[0].self_attn.qkv_proj.weight
+    np.testing.assert_array_equal(
+        np.asarray(kernel).view(np.uint16),
+        want.T.contiguous().view(torch.int16).numpy().view(np.uint16),
+    )
+    logits = _forward(loaded, jnp.asarray(tokens))
+    assert logits.dtype == jnp.bfloat16
+    # bf16 weights and activations (8 mantissa bits) through 3 layers.
+    assert _rel_err(logits, torch_logits) <= 0.05
+
+
+def test_save_pretrained_round_trips_through_transformers(
+    checkpoint, model, tmp_path, tokens, torch_logits
+):
+    hf.save_pretrained(model, tmp_path)
+    reloaded, info = transformers.MiniMaxForCausalLM.from_pretrained(
+        tmp_path, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    original = checkpoint[1].state_dict()
+    for name, tensor in reloaded.state_dict().items():
+        if not name.endswith(("slope_rate", "_decay")):  # buffers: recomputed, so rounded
+            torch.testing.assert_close(tensor, original[name], rtol=0, atol=0)
+    with torch.no_grad():
+        logits = reloaded.eval()(torch.tensor(tokens)).logits.numpy()
+    assert _rel_err(logits, torch_logits) <= 1e-6
+
+
+def test_sharded_load_equals_unsharded(checkpoint, model, tokens, torch_logits):
+    devices = np.array(jax.devices("cpu")[:4]).reshape(2, 2)
+    mesh = jax.sharding.Mesh(devices, ("data", "model"))
+    sharded = hf.from_pretrained(checkpoint[0], impl="xla", mesh=mesh, axis="model")
+    experts = sharded.layers[0].block_sparse_moe.w1[...]
+    assert experts.sharding.spec == jax.sharding.PartitionSpec("model", None, None)
+    assert experts.addressable_shards[0].data.shape == (2, 48, 40)
+    qkv = sharded.layers[0].self_attn.qkv_proj.kernel[...]
+    assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    head = sharded.lm_head.kernel[...]
+    assert head.addressable_shards[0].data.shape == (48, VOCAB // 2)
+    flat_sharded = nnx.to_flat_state(nnx.state(sharded, nnx.Param))
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    for path, var in flat_sharded:
+        np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(flat[path][...]))
+
+    assert _rel_err(_forward(sharded, jnp.asarray(tokens)), torch_logits) <= 1e-5
+
+
+def _rewrite(src, dst, change_tensors=None, change_config=None):
+    from safetensors.numpy import load_file, save_file
+
+    os.makedirs(dst, exist_ok=True)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    if change_tensors:
+        change_tensors(tensors)
+    if change_config:
+        change_config(config)
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f)
+    return dst
+
+
+def test_bad_checkpoints_name_the_problem(checkpoint, tmp_path):
+    src = checkpoint[0]
+    name = "model.layers.2.block_sparse_moe.experts.3.w2.weight"
+
+    def arch(c):
+        c["architectures"] = ["LlamaForCausalLM"]
+
+    with pytest.raises(ValueError, match="LlamaForCausalLM"):
+        hf.from_pretrained(_rewrite(src, tmp_path / "arch", change_config=arch))
+
+    def missing(t):
+        del t[name]
+
+    with pytest.raises(ValueError, match=f"no tensor '{name}'"):
+        hf.from_pretrained(_rewrite(src, tmp_path / "missing", missing))
+
+    def extra(t):
+        t["model.layers.0.self_attn.bias"] = np.zeros(3, np.float32)
+
+    with pytest.raises(ValueError, match="unexpected tensors.*model.layers.0.self_attn.bias"):
+        hf.from_pretrained(_rewrite(src, tmp_path / "extra", extra))
+
+    def shape(t):
+        t[name] = t[name][:, :-1]
+
+    with pytest.raises(ValueError, match=f"'{name}' has shape \\(48, 39\\), expected \\(48, 40\\)"):
+        hf.from_pretrained(_rewrite(src, tmp_path / "shape", shape))
+
+    def slopes(t):
+        t["model.layers.0.self_attn.slope_rate"] = t["model.layers.0.self_attn.slope_rate"] * 2
+
+    with pytest.raises(ValueError, match="model.layers.0.self_attn.slope_rate"):
+        hf.from_pretrained(_rewrite(src, tmp_path / "slopes", slopes))
+
+    shutil.rmtree(tmp_path)
+
+
+def test_packed_segments_equal_separate_documents(model, tokens):
+    # Two documents packed in one row: each sees only itself (lightning state reset, softmax
+    # masked by run with positions restarting), so its logits equal those of the document alone.
+    row = jnp.asarray(tokens[:1, :20])
+    packed = _forward(model, row, jnp.asarray([[1] * 10 + [2] * 10]))
+    alone = _forward(model, row.reshape(2, 10))
+    assert _rel_err(packed, alone.reshape(1, 20, VOCAB)) <= 1e-5
+
+
+def test_training_step_under_nnx_jit(model, tokens):
+    import optax
+
+    trained = nnx.clone(model)
+    optimizer = nnx.Optimizer(trained, optax.adam(1e-2), wrt=nnx.Param)
+    segment_ids = jnp.asarray(np.repeat([[0] * 10 + [1] * 11], 2, axis=0))
+    tokens = jnp.asarray(tokens)
+
+    def loss_fn(m):
+        logits = m(tokens[:, :-1], segment_ids=segment_ids[:, :-1])
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+    @nnx.jit
+    def step(m, opt):
+        loss, grads = nnx.value_and_grad(loss_fn)(m)
+        opt.update(m, grads)
+        return loss
+
+    losses = [float(step(trained, optimizer)) for _ in range(3)]
+    assert losses[-1] < losses[0]
+    assert isinstance(trained, MiniMaxForCausalLM)

@@ -23,7 +23,6 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from lightning_jax import generate, hf  # noqa: E402
-from lightning_jax.minimax import MiniMaxForCausalLM  # noqa: E402
 from lightning_jax.slopes import minimax_slopes  # noqa: E402
 
 VOCAB = 98
@@ -33,13 +32,13 @@ TORCH_CONFIG = dict(
     vocab_size=VOCAB,
     hidden_size=48,
     intermediate_size=40,
-    num_hidden_layers=3,
+    num_hidden_layers=2,
     num_attention_heads=6,
     num_key_value_heads=2,
     head_dim=8,
     num_local_experts=4,
     num_experts_per_tok=2,
-    layer_types=["linear_attention", "full_attention", "linear_attention"],
+    layer_types=["linear_attention", "full_attention"],
     block_size=16,
     max_position_embeddings=64,
     initializer_range=0.1,
@@ -84,6 +83,12 @@ def model(checkpoint):
 
 
 @pytest.fixture(scope="module")
+def model_ref(checkpoint):
+    """The model on impl="reference" (the op's O(T^2) formula): faster to compile on CPU."""
+    return hf.from_pretrained(checkpoint[0], impl="reference")
+
+
+@pytest.fixture(scope="module")
 def tokens():
     return np.random.default_rng(0).integers(0, VOCAB, (2, 21))
 
@@ -114,8 +119,9 @@ def test_logits_match_transformers(model, tokens, torch_logits):
 def test_chunked_prefill_equals_full_forward(model, tokens, torch_logits):
     decoder = nnx.clone(model)
     decoder.init_cache(tokens.shape[0])
+    # A 10-token prefill, one token, then a 10-token continuation through the caches.
     parts = [
-        decoder(jnp.asarray(tokens[:, a:b]), decode=True) for a, b in ((0, 7), (7, 8), (8, 21))
+        _decode(decoder, jnp.asarray(tokens[:, a:b])) for a, b in ((0, 10), (10, 11), (11, 21))
     ]
     assert _rel_err(jnp.concatenate(parts, axis=1), torch_logits) <= 1e-5
 
@@ -132,7 +138,8 @@ def test_greedy_generate_matches_transformers(checkpoint, model, tokens):
     np.testing.assert_array_equal(np.asarray(got), want.numpy())
 
 
-def test_gradients_match_torch_autograd(checkpoint, model, tokens):
+def test_gradients_match_torch_autograd(checkpoint, model_ref, tokens):
+    model = model_ref
     torch_model = checkpoint[1]
     embeds = np.asarray(model.embed_tokens(jnp.asarray(tokens)))
     labels = tokens[:, 1:]
@@ -152,15 +159,16 @@ def test_gradients_match_torch_autograd(checkpoint, model, tokens):
         logits.reshape(-1, VOCAB), torch.tensor(labels).reshape(-1)
     )
     want_loss.backward()
-    assert abs(float(loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss))
+    want_loss = want_loss.item()
+    assert abs(float(loss) - want_loss) <= 1e-5 * abs(want_loss)
     assert _rel_err(grad_x, x.grad.numpy()) <= 1e-5
     layers = torch_model.model.layers
     pairs = [
         (grads.layers[0].self_attn.qkv_proj.kernel, layers[0].self_attn.qkv_proj.weight.grad.T),
         (grads.layers[0].self_attn.norm.weight, layers[0].self_attn.norm.weight.grad),
         (grads.layers[1].self_attn.k_proj.kernel, layers[1].self_attn.k_proj.weight.grad.T),
-        (grads.layers[2].block_sparse_moe.w1[1], layers[2].mlp.experts.gate_up_proj.grad[1, :40].T),
-        (grads.layers[2].block_sparse_moe.gate.kernel, layers[2].mlp.gate.weight.grad.T),
+        (grads.layers[0].block_sparse_moe.w1[1], layers[0].mlp.experts.gate_up_proj.grad[1, :40].T),
+        (grads.layers[0].block_sparse_moe.gate.kernel, layers[0].mlp.gate.weight.grad.T),
     ]
     for got, want in pairs:
         assert _rel_err(got[...], want.numpy()) <= 1e-5
@@ -169,7 +177,7 @@ def test_gradients_match_torch_autograd(checkpoint, model, tokens):
 def test_bf16_checkpoint_loads(checkpoint, tmp_path, tokens, torch_logits):
     torch_model = copy.deepcopy(checkpoint[1]).to(torch.bfloat16)
     torch_model.save_pretrained(tmp_path)
-    loaded = hf.from_pretrained(tmp_path, impl="xla")
+    loaded = hf.from_pretrained(tmp_path, impl="reference")
     kernel = loaded.layers[0].self_attn.qkv_proj.kernel[...]
     assert kernel.dtype == jnp.bfloat16
     want = torch_model.model.layers[0].self_attn.qkv_proj.weight
@@ -179,7 +187,7 @@ def test_bf16_checkpoint_loads(checkpoint, tmp_path, tokens, torch_logits):
     )
     logits = _forward(loaded, jnp.asarray(tokens))
     assert logits.dtype == jnp.bfloat16
-    # bf16 weights and activations (8 mantissa bits) through 3 layers.
+    # bf16 weights and activations (8 mantissa bits) through 2 layers.
     assert _rel_err(logits, torch_logits) <= 0.05
 
 
@@ -203,7 +211,7 @@ def test_save_pretrained_round_trips_through_transformers(
 def test_sharded_load_equals_unsharded(checkpoint, model, tokens, torch_logits):
     devices = np.array(jax.devices("cpu")[:4]).reshape(2, 2)
     mesh = jax.sharding.Mesh(devices, ("data", "model"))
-    sharded = hf.from_pretrained(checkpoint[0], impl="xla", mesh=mesh, axis="model")
+    sharded = hf.from_pretrained(checkpoint[0], impl="reference", mesh=mesh, axis="model")
     experts = sharded.layers[0].block_sparse_moe.w1[...]
     assert experts.sharding.spec == jax.sharding.PartitionSpec("model", None, None)
     assert experts.addressable_shards[0].data.shape == (2, 48, 40)
@@ -238,7 +246,7 @@ def _rewrite(src, dst, change_tensors=None, change_config=None):
 
 def test_bad_checkpoints_name_the_problem(checkpoint, tmp_path):
     src = checkpoint[0]
-    name = "model.layers.2.block_sparse_moe.experts.3.w2.weight"
+    name = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
 
     def arch(c):
         c["architectures"] = ["LlamaForCausalLM"]
@@ -273,34 +281,11 @@ def test_bad_checkpoints_name_the_problem(checkpoint, tmp_path):
     shutil.rmtree(tmp_path)
 
 
-def test_packed_segments_equal_separate_documents(model, tokens):
+def test_packed_segments_equal_separate_documents(model_ref, tokens):
+    model = model_ref
     # Two documents packed in one row: each sees only itself (lightning state reset, softmax
     # masked by run with positions restarting), so its logits equal those of the document alone.
     row = jnp.asarray(tokens[:1, :20])
     packed = _forward(model, row, jnp.asarray([[1] * 10 + [2] * 10]))
     alone = _forward(model, row.reshape(2, 10))
     assert _rel_err(packed, alone.reshape(1, 20, VOCAB)) <= 1e-5
-
-
-def test_training_step_under_nnx_jit(model, tokens):
-    import optax
-
-    trained = nnx.clone(model)
-    optimizer = nnx.Optimizer(trained, optax.adam(1e-2), wrt=nnx.Param)
-    segment_ids = jnp.asarray(np.repeat([[0] * 10 + [1] * 11], 2, axis=0))
-    tokens = jnp.asarray(tokens)
-
-    def loss_fn(m):
-        logits = m(tokens[:, :-1], segment_ids=segment_ids[:, :-1])
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
-
-    @nnx.jit
-    def step(m, opt):
-        loss, grads = nnx.value_and_grad(loss_fn)(m)
-        opt.update(m, grads)
-        return loss
-
-    losses = [float(step(trained, optimizer)) for _ in range(3)]
-    assert losses[-1] < losses[0]
-    assert isinstance(trained, MiniMaxForCausalLM)

@@ -272,7 +272,8 @@ def from_pretrained(
       mesh: optional `jax.sharding.Mesh` to shard the parameters over.
       axis: the mesh axis of the sharding rule (None: the mesh's only axis).
       **config_overrides: `MiniMaxConfig` fields to set, e.g. `impl="xla"`,
-        `max_cache_len=4096`.
+        `max_cache_len=4096`; `seq_axis` (and `batch_axis`) run the lightning
+        layers sequence-parallel over axes of `mesh`.
 
     Returns:
       a `MiniMaxForCausalLM` holding the checkpoint's weights.
@@ -305,6 +306,8 @@ def from_pretrained(
         dtype = first.get_slice("model.embed_tokens.weight").get_dtype() if first else "F32"
         dtype = {"F32": jnp.float32, "BF16": jnp.bfloat16, "F16": jnp.float16}.get(dtype, dtype)
     dtype = jnp.dtype(dtype)
+    if config_overrides.get("seq_axis") is not None:
+        config_overrides["mesh"] = mesh  # sequence parallelism runs on the same mesh
     config = config_from_hf(hf_config, dtype=dtype, param_dtype=dtype, **config_overrides)
     specs = _tensor_specs(config)
 

@@ -209,9 +209,13 @@ def test_save_pretrained_round_trips_through_transformers(
 
 
 def test_sharded_load_equals_unsharded(checkpoint, model, tokens, torch_logits):
+    # Parameters split over "model" by the sharding rule; the lightning layers also run
+    # sequence-parallel over "seq" (tokens sharded along the sequence).
     devices = np.array(jax.devices("cpu")[:4]).reshape(2, 2)
-    mesh = jax.sharding.Mesh(devices, ("data", "model"))
-    sharded = hf.from_pretrained(checkpoint[0], impl="reference", mesh=mesh, axis="model")
+    mesh = jax.sharding.Mesh(devices, ("seq", "model"))
+    sharded = hf.from_pretrained(
+        checkpoint[0], impl="reference", mesh=mesh, axis="model", seq_axis="seq"
+    )
     experts = sharded.layers[0].block_sparse_moe.w1[...]
     assert experts.sharding.spec == jax.sharding.PartitionSpec("model", None, None)
     assert experts.addressable_shards[0].data.shape == (2, 48, 40)
@@ -223,8 +227,10 @@ def test_sharded_load_equals_unsharded(checkpoint, model, tokens, torch_logits):
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     for path, var in flat_sharded:
         np.testing.assert_array_equal(np.asarray(var[...]), np.asarray(flat[path][...]))
-
-    assert _rel_err(_forward(sharded, jnp.asarray(tokens)), torch_logits) <= 1e-5
+    seq_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "seq"))
+    prefix = jax.device_put(jnp.asarray(tokens[:, :20]), seq_sharding)
+    # Causal: the logits of a 20-token prefix are the first 20 of the full sequence's.
+    assert _rel_err(_forward(sharded, prefix), torch_logits[:, :20]) <= 1e-5
 
 
 def _rewrite(src, dst, change_tensors=None, change_config=None):

@@ -174,9 +174,10 @@ def test_gradients_match_torch_autograd(checkpoint, model_ref, tokens):
         assert _rel_err(got[...], want.numpy()) <= 1e-5
 
 
-def test_bf16_checkpoint_loads(checkpoint, tmp_path, tokens, torch_logits):
+def test_bf16_sharded_checkpoint_loads(checkpoint, tmp_path, tokens, torch_logits):
     torch_model = copy.deepcopy(checkpoint[1]).to(torch.bfloat16)
-    torch_model.save_pretrained(tmp_path)
+    torch_model.save_pretrained(tmp_path, max_shard_size="100KB")  # several files + an index
+    assert (tmp_path / "model.safetensors.index.json").exists()
     loaded = hf.from_pretrained(tmp_path, impl="reference")
     kernel = loaded.layers[0].self_attn.qkv_proj.kernel[...]
     assert kernel.dtype == jnp.bfloat16

@@ -395,7 +395,7 @@ def _reader(kind: str, names, handle: Callable, dtype) -> Callable[[tuple], np.n
             out = np.stack([handle(n).get_slice(n)[cols, rows].T for n in names[experts]], axis=0)
         else:
             raise AssertionError(kind)
-        return np.ascontiguousarray(out.astype(np_dtype))
+        return np.ascontiguousarray(out.astype(np_dtype, copy=False))
 
     return read
 

@@ -288,11 +288,11 @@ def test_bad_checkpoints_name_the_problem(checkpoint, tmp_path):
     shutil.rmtree(tmp_path)
 
 
-def test_packed_segments_equal_separate_documents(model_ref, tokens):
-    model = model_ref
-    # Two documents packed in one row: each sees only itself (lightning state reset, softmax
-    # masked by run with positions restarting), so its logits equal those of the document alone.
-    row = jnp.asarray(tokens[:1, :20])
-    packed = _forward(model, row, jnp.asarray([[1] * 10 + [2] * 10]))
-    alone = _forward(model, row.reshape(2, 10))
-    assert _rel_err(packed, alone.reshape(1, 20, VOCAB)) <= 1e-5
+def test_packed_segments_equal_separate_documents(model_ref, tokens, torch_logits):
+    # Two documents packed in one row: the first 10 tokens of row 0, then the first 11 of
+    # row 1. Each sees only itself (lightning state reset, softmax masked by run with positions
+    # restarting), so its logits are transformers' for that row's prefix.
+    row = jnp.asarray(np.concatenate([tokens[0, :10], tokens[1, :11]])[None])
+    packed = _forward(model_ref, row, jnp.asarray([[1] * 10 + [2] * 11]))
+    want = np.concatenate([torch_logits[0, :10], torch_logits[1, :11]])[None]
+    assert _rel_err(packed, want) <= 1e-5

@@ -424,47 +424,87 @@ def _decay_buffers(slopes: np.ndarray, block_size: int) -> dict[str, np.ndarray]
 
 
 def save_pretrained(
-    model: MiniMaxForCausalLM, path: str | os.PathLike, *, dtype: Any = None
+    model: MiniMaxForCausalLM,
+    path: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    max_shard_bytes: int = 5 * 2**30,
 ) -> None:
-    """Writes `config.json` and `model.safetensors` that `transformers` loads.
+    """Writes `config.json` and safetensors that `transformers` loads.
 
     The layout is that of `transformers.MiniMaxForCausalLM.save_pretrained`
     (per-expert `w1`/`w2`/`w3`, torch `[out, in]` linear weights, each
-    lightning layer's `slope_rate` and derived decay buffers). Sharded
-    parameters are gathered to the host one at a time; the file is written at
-    the end, so the host holds the whole model once.
+    lightning layer's `slope_rate` and derived decay buffers). Parameters are
+    gathered to the host one at a time and written in shards of at most
+    `max_shard_bytes` (a larger single tensor gets a shard of its own), so the
+    host holds about one shard: one `model.safetensors` when everything fits
+    in one, else `model-0000i-of-0000n.safetensors` files and
+    `model.safetensors.index.json`.
 
     Args:
       model: the model to save.
       path: output directory (created if needed).
       dtype: dtype of the stored weights (None: the parameters' dtype).
         Buffers follow it, as in transformers.
+      max_shard_bytes: the most bytes per file (default 5 GiB).
     """
     from safetensors.numpy import save_file
 
     if not isinstance(model, MiniMaxForCausalLM):
         raise TypeError(f"model must be a MiniMaxForCausalLM, got {type(model).__name__}")
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int):
+        raise TypeError(f"max_shard_bytes must be an int, got {max_shard_bytes!r}")
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     config = model.config
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     if dtype is None:
         dtype = _variable(model, ("embed_tokens", "embedding")).dtype
     np_dtype = np.dtype(jnp.dtype(dtype))
-    tensors: dict[str, np.ndarray] = {}
-    for model_path, kind, names, _ in _tensor_specs(config):
-        value = np.asarray(jax.device_get(_variable(model, model_path)[...]))
-        if kind == "linear":
-            tensors[names] = value.T
-        elif kind == "experts":
-            for e, name in enumerate(names):
-                tensors[name] = value[e].T
-        elif kind == "slopes":
-            prefix = names.rsplit(".", 1)[0]
-            for buffer, array in _decay_buffers(value, config.block_size).items():
-                tensors[f"{prefix}.{buffer}"] = array
-        else:
-            tensors[names] = value
-    tensors = {k: np.ascontiguousarray(v.astype(np_dtype)) for k, v in tensors.items()}
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+    def tensors():
+        for model_path, kind, names, _ in _tensor_specs(config):
+            value = np.asarray(jax.device_get(_variable(model, model_path)[...]))
+            if kind == "linear":
+                out = {names: value.T}
+            elif kind == "experts":
+                out = {name: value[e].T for e, name in enumerate(names)}
+            elif kind == "slopes":
+                prefix = names.rsplit(".", 1)[0]
+                buffers = _decay_buffers(value, config.block_size)
+                out = {f"{prefix}.{b}": array for b, array in buffers.items()}
+            else:
+                out = {names: value}
+            for name, array in out.items():
+                yield name, np.ascontiguousarray(array.astype(np_dtype, copy=False))
+
+    shard: dict[str, np.ndarray] = {}
+    files: list[list[str]] = []
+    total = 0
+
+    def flush():
+        name = f"shard-{len(files):05d}.tmp"
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        files.append([name, *shard])
+        shard.clear()
+
+    for name, array in tensors():
+        if shard and sum(a.nbytes for a in shard.values()) + array.nbytes > max_shard_bytes:
+            flush()
+        shard[name] = array
+        total += array.nbytes
+    flush()
+    if len(files) == 1:
+        os.replace(os.path.join(path, files[0][0]), os.path.join(path, "model.safetensors"))
+    else:
+        weight_map = {}
+        for i, (tmp, *names) in enumerate(files):
+            final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            os.replace(os.path.join(path, tmp), os.path.join(path, final))
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config_to_hf(config, np_dtype), f, indent=2)

@@ -195,7 +195,11 @@ def test_bf16_sharded_checkpoint_loads(checkpoint, tmp_path, tokens, torch_logit
 def test_save_pretrained_round_trips_through_transformers(
     checkpoint, model, tmp_path, tokens, torch_logits
 ):
-    hf.save_pretrained(model, tmp_path)
+    hf.save_pretrained(model, tmp_path, max_shard_bytes=100_000)  # several files + an index
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    again = dict(nnx.to_flat_state(nnx.state(hf.from_pretrained(tmp_path), nnx.Param)))
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        np.testing.assert_array_equal(again[path][...], var[...])
     reloaded, info = transformers.MiniMaxForCausalLM.from_pretrained(
         tmp_path, output_loading_info=True
     )

@@ -112,6 +112,13 @@ def test_minimax_slopes_match_transformers():
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
 
 
+def test_minimax_slopes_refuse_bad_arguments():
+    with pytest.raises(ValueError, match="num_heads"):
+        minimax_slopes(0, 0, 2)
+    with pytest.raises(ValueError, match="layer_idx must be in"):
+        minimax_slopes(4, 2, 2)
+
+
 def test_logits_match_transformers(model, tokens, torch_logits):
     assert _rel_err(_forward(model, jnp.asarray(tokens)), torch_logits) <= 1e-5
 

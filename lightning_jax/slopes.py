@@ -62,3 +62,26 @@ def layer_slopes(num_heads: int, layer_idx: int, num_layers: int) -> jax.Array:
     ratio = layer_idx / (num_layers - 1) if num_layers > 1 else 0.0
     factor = np.float32(1.0 - ratio + 1e-5)
     return jax.numpy.asarray(np.asarray(_slopes_list(int(num_heads)), np.float32) * factor)
+
+
+def minimax_slopes(num_heads: int, layer_idx: int, num_layers: int) -> jax.Array:
+    """Slopes of layer `layer_idx` of `num_layers` in MiniMax-01 (`get_slope_rate`).
+
+    `base^(i+1) * (1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5)` for heads
+    i = 0..h-1 with `base = 2^(-8/h)` for every h (no power-of-two special case,
+    unlike `alibi_slopes`), computed in float32 as the released model code does.
+    A single-layer model has factor `1 + 1e-5` (layer 0).
+
+    Returns:
+      float32 array of shape `[num_heads]`.
+    """
+    _check_positive_int("num_heads", num_heads)
+    _check_positive_int("num_layers", num_layers)
+    if isinstance(layer_idx, bool) or not isinstance(layer_idx, (int, np.integer)):
+        raise ValueError(f"layer_idx must be an int, got {layer_idx!r}")
+    if not 0 <= layer_idx < num_layers:
+        raise ValueError(f"layer_idx must be in [0, num_layers={num_layers}), got {layer_idx}")
+    base = np.float32(1.0 / (2.0 ** (8.0 / num_heads)))
+    rate = base ** np.arange(1, num_heads + 1, dtype=np.float32)
+    factor = np.float32(1.0 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5)
+    return jax.numpy.asarray((rate * factor).astype(np.float32))

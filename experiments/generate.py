@@ -30,7 +30,7 @@ flags.DEFINE_string("workdir", lm_train.default_workdir(), "The train_lm.py run 
 flags.DEFINE_string("prompt", "def ", "Text the model continues (at least one character).")
 flags.DEFINE_integer("max_new_tokens", 200, "Bytes to generate.")
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy (the default).")
-flags.DEFINE_integer("top_k", None, "Sample among the k most likely bytes only (--temperature > 0).")
+flags.DEFINE_integer("top_k", None, "Sample among the k likeliest bytes (--temperature > 0).")
 flags.DEFINE_integer("seed", 0, "Seed of the sampling (--temperature > 0).")
 flags.DEFINE_integer("step", None, "The checkpoint's step (default: the latest).")
 

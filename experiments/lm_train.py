@@ -666,7 +666,7 @@ def load_run(workdir: str | os.PathLike, step: int | None = None) -> LoadedRun:
     graphdef, params, constants = nnx.split(model, nnx.Param, ...)
     state = dict(params=params, opt_state=make_optimizer(cfg).init(params))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    options = ocp.CheckpointManagerOptions(read_only=True)
+    options = ocp.CheckpointManagerOptions(create=False)  # reads only
     with ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options) as manager:
         restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
     return LoadedRun(nnx.merge(graphdef, restored["params"], constants), cfg, step)

@@ -16,6 +16,7 @@ workdir, device or file is touched.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -47,30 +48,37 @@ def _flag_name(err: flags.Error) -> str:
     return message
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing for `app.run(flags_parser=...)`: --help exits 0, mistakes one line, 2."""
+def parse_flags(argv: list[str], positional: bool = False) -> list[str]:
+    """absl's parsing for `app.run(flags_parser=...)`: --help exits 0, mistakes one line, 2.
+
+    positional: the script takes positional arguments (else one is a mistake).
+    """
     if any(arg in _HELP for arg in argv[1:]):
-        app.usage(shorthelp=not argv.count("--helpfull"), writeto_stdout=True)
+        app.usage(shorthelp="--helpfull" not in argv, writeto_stdout=True)
         sys.exit(0)
     try:
         rest = FLAGS(argv)
     except flags.Error as err:
         usage_error(_flag_name(err))
-    if len(rest) > 1:
+    if len(rest) > 1 and not positional:
         usage_error(f"unexpected arguments {rest[1:]} (flags take the form --name=value)")
     return rest
 
 
-def run(main: Callable[[list[str]], Any]) -> None:
-    """`absl.app.run(main)` with `parse_flags`; a `UsageError` from main is one line, exit 2."""
+def run(main: Callable[[list[str]], Any], positional: bool = False) -> None:
+    """`absl.app.run(main)` with `parse_flags`: a flag mistake, or a `UsageError` (this
+    module's or absl's `app.UsageError`) raised by main, is one line and exit status 2.
+
+    positional: main takes positional arguments (argv[1:]); else one is a mistake.
+    """
 
     def checked_main(argv: list[str]) -> Any:
         try:
             return main(argv)
-        except UsageError as err:
+        except (UsageError, app.UsageError) as err:
             usage_error(str(err))
 
-    app.run(checked_main, flags_parser=parse_flags)
+    app.run(checked_main, flags_parser=functools.partial(parse_flags, positional=positional))
 
 
 def positive_int(name: str, minimum: int = 1) -> None:

@@ -48,16 +48,19 @@ def _flag_name(err: flags.Error) -> str:
     return message
 
 
-def parse_flags(argv: list[str], positional: bool = False) -> list[str]:
+def parse_flags(
+    argv: list[str], positional: bool = False, flag_values: flags.FlagValues = FLAGS
+) -> list[str]:
     """absl's parsing for `app.run(flags_parser=...)`: --help exits 0, mistakes one line, 2.
 
     positional: the script takes positional arguments (else one is a mistake).
+    flag_values: the flags to parse into (absl's global FLAGS).
     """
     if any(arg in _HELP for arg in argv[1:]):
         app.usage(shorthelp="--helpfull" not in argv, writeto_stdout=True)
         sys.exit(0)
     try:
-        rest = FLAGS(argv)
+        rest = flag_values(argv)
     except flags.Error as err:
         usage_error(_flag_name(err))
     if len(rest) > 1 and not positional:
@@ -81,12 +84,13 @@ def run(main: Callable[[list[str]], Any], positional: bool = False) -> None:
     app.run(checked_main, flags_parser=functools.partial(parse_flags, positional=positional))
 
 
-def positive_int(name: str, minimum: int = 1) -> None:
+def positive_int(name: str, minimum: int = 1, flag_values: flags.FlagValues = FLAGS) -> None:
     """Registers a validator: the integer flag `name` must be >= minimum (None passes)."""
     flags.register_validator(
         name,
         lambda value: value is None or value >= minimum,
         message=f"--{name} must be an integer >= {minimum}",
+        flag_values=flag_values,
     )
 
 
@@ -97,7 +101,9 @@ def _ints(values: Iterable[str]) -> list[int] | None:
         return None
 
 
-def int_list(name: str, minimum: int = 1, nonempty: bool = True) -> None:
+def int_list(
+    name: str, minimum: int = 1, nonempty: bool = True, flag_values: flags.FlagValues = FLAGS
+) -> None:
     """Registers a validator: the list flag `name` must hold integers >= minimum."""
 
     def check(values) -> bool:
@@ -107,11 +113,19 @@ def int_list(name: str, minimum: int = 1, nonempty: bool = True) -> None:
         return bool(ints) or not nonempty
 
     flags.register_validator(
-        name, check, message=f"--{name} must be a comma-separated list of integers >= {minimum}"
+        name,
+        check,
+        message=f"--{name} must be a comma-separated list of integers >= {minimum}",
+        flag_values=flag_values,
     )
 
 
-def choice_list(name: str, choices: Iterable[str], nonempty: bool = True) -> None:
+def choice_list(
+    name: str,
+    choices: Iterable[str],
+    nonempty: bool = True,
+    flag_values: flags.FlagValues = FLAGS,
+) -> None:
     """Registers a validator: every item of the list flag `name` must be one of choices."""
     allowed = tuple(choices)
 
@@ -119,13 +133,8 @@ def choice_list(name: str, choices: Iterable[str], nonempty: bool = True) -> Non
         return all(v in allowed for v in values or []) and (bool(values) or not nonempty)
 
     flags.register_validator(
-        name, check, message=f"--{name} takes a comma-separated list of {', '.join(allowed)}"
+        name,
+        check,
+        message=f"--{name} takes a comma-separated list of {', '.join(allowed)}",
+        flag_values=flag_values,
     )
-
-
-def parse_ints(name: str, values: Iterable[str]) -> list[int]:
-    """The integers of a list flag (after its validator); a UsageError naming it otherwise."""
-    ints = _ints(values)
-    if ints is None:
-        raise UsageError(f"--{name} must be a comma-separated list of integers, got {values}")
-    return ints

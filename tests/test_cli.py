@@ -268,11 +268,10 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, text_file):
     assert (workdir / "metrics.jsonl").read_text() == metrics
     assert not (workdir / "loss.png").exists()
 
-    # generate.py samples from the saved run; its flag mistakes are one line each.
+    # generate.py on the saved run: its flag mistakes are one line each (tests/test_train.py
+    # samples from a restored run in-process).
     run = [f"--workdir={workdir}", "--max_new_tokens=4"]
     cases = [
-        [*run, "--prompt=the "],
-        [*run, "--temperature=0.7", "--seed=2", "--top_k=5"],
         [*run, f"--step={step + 1}"],
         [*run, "--temperature=-1"],
         [*run, "--top_k=5"],  # top_k without a temperature: greedy has no top k
@@ -280,11 +279,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path, text_file):
         ["--workdir=" + str(tmp_path / "nothing")],
         [*run, "--max_new_tokens=x"],
     ]
-    greedy, sampled, *mistakes = run_cases(GENERATE, cases, cwd=tmp_path)
-    for case in (greedy, sampled):
-        assert case["code"] == 0, case
-        assert len(case["stdout"].rstrip("\n").encode()) >= 4, case  # replacement chars: more
-    assert greedy["stdout"].startswith("the ")
+    mistakes = run_cases(GENERATE, cases, cwd=tmp_path)
     flags = ["--step", "--temperature", "--top_k", "--prompt", "--workdir", "--max_new_tokens"]
     for flag, case in zip(flags, mistakes, strict=True):
         assert_case_error(case, flag, script="generate.py")

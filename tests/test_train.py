@@ -154,8 +154,11 @@ def test_a_used_workdir_is_refused_without_resume_or_overwrite(tmp_path):
 def test_resume_checks_the_saved_run(tmp_path):
     saved = lm_train.TrainConfig(**TINY, steps=6, workdir=str(tmp_path))
     resume = dataclasses.replace(saved, resume=True)
-    with pytest.raises(lm_train.ConfigError, match="--resume: no checkpoint"):
-        lm_train.check_workdir(resume)
+    lm_train.check_workdir(resume)  # nothing there yet: resume starts from step 0
+    # A run that saved its config but no checkpoint yet: the config is still checked.
+    _fake_run(tmp_path, saved, checkpoint_steps=())
+    with pytest.raises(lm_train.ConfigError, match="seed 0 -> 1"):
+        lm_train.check_workdir(dataclasses.replace(resume, seed=1))
     _fake_run(tmp_path, saved, checkpoint_steps=(3, 6))
     lm_train.check_workdir(resume)
     # Longer, other intervals, another implementation or layout: the same run continued.
@@ -217,6 +220,9 @@ def test_validate_corpus_names_the_flags(corpus):
         lm_train.validate_corpus(lm_train.TrainConfig(**{**TINY, "seq_len": 100_000}), corpus)
     with pytest.raises(lm_train.ConfigError, match="--batch_size=64"):
         lm_train.validate_corpus(lm_train.TrainConfig(**{**TINY, "batch_size": 64}), corpus)
+    cut = lm_train.TrainConfig(**{**TINY, "batch_size": 64, "max_corpus_bytes": 1000})
+    with pytest.raises(lm_train.ConfigError, match="read up to --max_corpus_bytes=1000"):
+        lm_train.validate_corpus(cut, corpus)
 
 
 def test_data_parallel_step_equals_single_device(corpus):

@@ -105,7 +105,9 @@ flags.DEFINE_integer("max_corpus_bytes", None, "Read at most this many corpus by
 flags.DEFINE_string(
     "workdir", None, "Where the run writes everything (default: runs/train_<preset>[_compare])."
 )
-flags.DEFINE_bool("resume", False, "Continue the run in --workdir (it must hold a checkpoint).")
+flags.DEFINE_bool(
+    "resume", False, "Continue the run in --workdir from its latest checkpoint (none: step 0)."
+)
 flags.DEFINE_bool("overwrite", False, "Delete the run in --workdir first, then start afresh.")
 flags.DEFINE_bool(
     "distributed",

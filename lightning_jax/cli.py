@@ -28,8 +28,11 @@ FLAGS = flags.FLAGS
 _HELP = ("--help", "-help", "-h", "--helpshort", "-?", "--helpfull")
 
 
-class UsageError(ValueError):
-    """A flag mistake found after parsing; its message is the one line to print (name the flag)."""
+class UsageError(app.UsageError):
+    """A flag mistake found after parsing; its message is the one line to print (name the flag).
+
+    A subclass of absl's `app.UsageError`, so code that catches absl's catches this too.
+    """
 
 
 def usage_error(message: str) -> NoReturn:
@@ -78,7 +81,7 @@ def run(main: Callable[[list[str]], Any], positional: bool = False) -> None:
     def checked_main(argv: list[str]) -> Any:
         try:
             return main(argv)
-        except (UsageError, app.UsageError) as err:
+        except app.UsageError as err:  # this module's UsageError included
             usage_error(str(err))
 
     app.run(checked_main, flags_parser=functools.partial(parse_flags, positional=positional))

@@ -31,9 +31,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import NoReturn
 
-from absl import app, flags
+from absl import flags
+
+from lightning_jax import cli
+from lightning_jax.cli import usage_error
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("lengths", ["1024", "4096", "16384"], "Sequence lengths of the forward timing.")
@@ -86,19 +88,6 @@ thread.join()
 after = status()
 print(json.dumps(dict(seconds=seconds, before=before, peak=peak, after=after)))
 """
-
-
-def usage_error(message: str) -> NoReturn:
-    """One line and exit status 2, before any work."""
-    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return FLAGS(argv)
-    except flags.Error as err:
-        usage_error(str(err))
 
 
 def check_flags() -> list[int]:
@@ -236,8 +225,7 @@ def bench_forward(lengths: list[int]) -> list[dict]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        usage_error(f"unexpected arguments {argv[1:]} (flags take the form --name=value)")
+    del argv  # cli.run refuses positional arguments
     lengths = check_flags()
     import jax
 
@@ -263,4 +251,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

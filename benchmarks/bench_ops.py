@@ -41,11 +41,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 from jax import lax
 
 import lightning_jax as lj
-from lightning_jax import xla
+from lightning_jax import cli, xla
 
 sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
@@ -54,24 +54,35 @@ from machine_info import cpu_name  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("impls", None, "Implementations to time (default: by backend).")
-flags.DEFINE_integer("batch", 1, "Batch size.")
-flags.DEFINE_integer("heads", 8, "Heads.")
-flags.DEFINE_integer("dim", 64, "d, the head dim of q and k (and of v unless --dim_v).")
-flags.DEFINE_integer("dim_v", None, "e, the head dim of v (default: --dim).")
+flags.DEFINE_integer("batch", 1, "Batch size.", lower_bound=1)
+flags.DEFINE_integer("heads", 8, "Heads.", lower_bound=1)
+flags.DEFINE_integer(
+    "dim", 64, "d, the head dim of q and k (and of v unless --dim_v).", lower_bound=1
+)
+flags.DEFINE_integer("dim_v", None, "e, the head dim of v (default: --dim).", lower_bound=1)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Input dtype.")
-flags.DEFINE_integer("min_seq", 1024, "Smallest seq (powers of two up to max_seq).")
-flags.DEFINE_integer("max_seq", 65536, "Largest seq.")
-flags.DEFINE_integer("reference_max_seq", 4096, "The O(n^2) reference only up to this seq.")
+flags.DEFINE_integer("min_seq", 1024, "Smallest seq (powers of two up to max_seq).", lower_bound=1)
+flags.DEFINE_integer("max_seq", 65536, "Largest seq.", lower_bound=1)
+flags.DEFINE_integer(
+    "reference_max_seq", 4096, "The O(n^2) reference only up to this seq.", lower_bound=0
+)
 flags.DEFINE_integer(
     "softmax_max_seq",
     8192,
     "impl softmax (XLA's jax.nn.dot_product_attention, O(n^2) memory off GPU) only up to "
     "this seq; cudnn has no limit.",
+    lower_bound=0,
 )
-flags.DEFINE_integer("reps", 7, "Interleaved repetitions (median reported).")
-flags.DEFINE_integer("matmul_size", 2048, "Square matmul size for the device's FLOP/s.")
-flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s for the roofline (default: table/measured).")
-flags.DEFINE_float("peak_gbps", None, "Peak memory GB/s for the roofline (default: table).")
+flags.DEFINE_integer("reps", 7, "Interleaved repetitions (median reported).", lower_bound=1)
+flags.DEFINE_integer(
+    "matmul_size", 2048, "Square matmul size for the device's FLOP/s.", lower_bound=1
+)
+flags.DEFINE_float(
+    "peak_tflops", None, "Peak TFLOP/s for the roofline (default: table/measured).", lower_bound=0
+)
+flags.DEFINE_float(
+    "peak_gbps", None, "Peak memory GB/s for the roofline (default: table).", lower_bound=0
+)
 flags.DEFINE_string("out", "runs/bench_ops.json", "JSON output path ('' to skip).")
 flags.DEFINE_bool(
     "fwd_only", False, "Time the forward only (prints a short table; no markdown or plots)."
@@ -88,9 +99,15 @@ flags.DEFINE_bool("plot", True, "Write PNGs of time and memory against seq besid
 flags.DEFINE_bool(
     "ceiling", True, "Also time the XLA path's per-chunk matmuls alone (its ceiling)."
 )
-flags.DEFINE_integer("ceiling_steps", 200, "Scan steps per timed call of the ceiling.")
-flags.DEFINE_integer("ceiling_block", xla.DEFAULT_BLOCK, "Block of the ceiling's matmuls.")
-flags.DEFINE_integer("ceiling_chunk", xla.DEFAULT_CHUNK, "Chunk of the ceiling's matmuls.")
+flags.DEFINE_integer(
+    "ceiling_steps", 200, "Scan steps per timed call of the ceiling.", lower_bound=1
+)
+flags.DEFINE_integer(
+    "ceiling_block", xla.DEFAULT_BLOCK, "Block of the ceiling's matmuls.", lower_bound=1
+)
+flags.DEFINE_integer(
+    "ceiling_chunk", xla.DEFAULT_CHUNK, "Chunk of the ceiling's matmuls.", lower_bound=1
+)
 
 DEFAULT_IMPLS = {
     "cpu": ["xla", "reference", "softmax"],
@@ -540,7 +557,7 @@ def main(argv):
     del argv
     bad = [m for m in FLAGS.segments if m not in SEGMENT_MODES]
     if bad or not FLAGS.segments:
-        raise app.UsageError(f"--segments takes modes from {SEGMENT_MODES}, got {FLAGS.segments}")
+        raise cli.UsageError(f"--segments takes modes from {SEGMENT_MODES}, got {FLAGS.segments}")
     seqs = []
     n = FLAGS.min_seq
     while n <= FLAGS.max_seq:
@@ -615,4 +632,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -22,7 +22,9 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
+
+from lightning_jax import cli
 
 sys.path.insert(
     0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
@@ -111,17 +113,22 @@ def plot_tgs(rows: list[dict], path: str) -> None:
 
 
 def _define_flags():
-    flags.DEFINE_integer("min_seq", 1024, "Smallest seq (powers of two).")
-    flags.DEFINE_integer("max_seq", 65536, "Largest seq.")
-    flags.DEFINE_integer("softmax_max_seq", 2048, "Largest seq for the softmax baseline.")
-    flags.DEFINE_integer("tokens_per_step", 65536, "Tokens per training step (constant).")
-    flags.DEFINE_integer("num_layers", 2, "Layers of the fixed model.")
-    flags.DEFINE_integer("embed_dim", 128, "Width of the fixed model.")
-    flags.DEFINE_integer("num_heads", 4, "Heads of the fixed model.")
-    flags.DEFINE_integer("reps", 3, "Timed steps per seq (median).")
+    flags.DEFINE_integer("min_seq", 1024, "Smallest seq (powers of two).", lower_bound=1)
+    flags.DEFINE_integer("max_seq", 65536, "Largest seq.", lower_bound=1)
+    flags.DEFINE_integer(
+        "softmax_max_seq", 2048, "Largest seq for the softmax baseline.", lower_bound=0
+    )
+    flags.DEFINE_integer(
+        "tokens_per_step", 65536, "Tokens per training step (constant).", lower_bound=1
+    )
+    flags.DEFINE_integer("num_layers", 2, "Layers of the fixed model.", lower_bound=1)
+    flags.DEFINE_integer("embed_dim", 128, "Width of the fixed model.", lower_bound=1)
+    flags.DEFINE_integer("num_heads", 4, "Heads of the fixed model.", lower_bound=1)
+    flags.DEFINE_integer("reps", 3, "Timed steps per seq (median).", lower_bound=1)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
     flags.DEFINE_string("impl", "auto", "Lightning op implementation.")
     flags.DEFINE_list("mixers", ["lightning", "softmax"], "Models to measure.")
+    cli.choice_list("mixers", ("lightning", "softmax"))
     flags.DEFINE_string("out", "runs/bench_tgs.json", "JSON path (PNG beside it).")
 
 
@@ -182,4 +189,4 @@ _FLAG_NAMES = (
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

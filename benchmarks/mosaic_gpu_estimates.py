@@ -26,14 +26,19 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from absl import app, flags
+from absl import flags
 
+from lightning_jax import cli
 from pallas_kernels import mosaic_gpu as mg
 
 FLAGS = flags.FLAGS
-flags.DEFINE_float("hbm_tbps", 4.8, "HBM bandwidth, TB/s (H200).")
-flags.DEFINE_float("peak_tflops", 989.0, "Dense bf16 tensor-core peak, TFLOP/s (H200).")
-flags.DEFINE_integer("sms", mg.DEFAULT_NUM_SMS, "Streaming multiprocessors (H200: 132).")
+flags.DEFINE_float("hbm_tbps", 4.8, "HBM bandwidth, TB/s (H200).", lower_bound=0)
+flags.DEFINE_float(
+    "peak_tflops", 989.0, "Dense bf16 tensor-core peak, TFLOP/s (H200).", lower_bound=0
+)
+flags.DEFINE_integer(
+    "sms", mg.DEFAULT_NUM_SMS, "Streaming multiprocessors (H200: 132).", lower_bound=1
+)
 
 flags.DEFINE_enum(
     "dtype",
@@ -182,4 +187,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

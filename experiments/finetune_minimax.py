@@ -33,9 +33,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
 
-from absl import app, flags
+from absl import flags
+
+from lightning_jax import cli
+from lightning_jax.cli import usage_error
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Local Hugging Face MiniMax checkpoint directory.")
@@ -52,19 +54,6 @@ flags.DEFINE_string("impl", "auto", "Lightning op implementation.")
 flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter dtype (default: file's).")
 flags.DEFINE_integer("seed", 0, "Seed of the window sampling (and of --random_init).")
 flags.DEFINE_string("out", "runs/finetune_minimax", "Output directory.")
-
-
-def usage_error(message: str) -> NoReturn:
-    """One line and exit status 2, before any work."""
-    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return FLAGS(argv)
-    except flags.Error as err:
-        usage_error(str(err))
 
 
 def check_flags() -> None:
@@ -139,8 +128,7 @@ def peak_memory_bytes() -> tuple[int, str]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        usage_error(f"unexpected arguments {argv[1:]} (flags take the form --name=value)")
+    del argv  # cli.run refuses positional arguments
     check_flags()
     import jax
     import jax.numpy as jnp
@@ -239,4 +227,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main)

@@ -41,8 +41,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from flax import nnx
+
+from lightning_jax import cli
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -241,17 +243,25 @@ def plot_recall(results: list[dict], chance: float, path: str) -> None:
 
 def _define_flags():
     flags.DEFINE_list("mixers", ["lightning", "softmax", "hybrid"], "Models to train.")
+    cli.choice_list("mixers", ("lightning", "softmax", "hybrid"))
     flags.DEFINE_list("pairs", ["2", "4", "8", "16", "32"], "Key-value pairs per sequence (N).")
-    flags.DEFINE_integer("steps", 600, "Training steps per model.")
-    flags.DEFINE_integer("batch_size", 32, "Sequences per step.")
-    flags.DEFINE_float("learning_rate", 5e-3, "Peak learning rate (AdamW, warmup + cosine).")
-    flags.DEFINE_integer("num_keys", 32, "Key vocabulary.")
-    flags.DEFINE_integer("num_values", 8, "Value vocabulary (chance = 1 / num_values).")
-    flags.DEFINE_integer("num_layers", 2, "Layers (hybrid: the last one softmax).")
-    flags.DEFINE_integer("embed_dim", 64, "Model width.")
-    flags.DEFINE_integer("num_heads", 4, "Heads.")
-    flags.DEFINE_integer("eval_sequences", 512, "Held-out sequences per context length.")
-    flags.DEFINE_integer("seed", 0, "Seed of the init and the data.")
+    cli.int_list("pairs")
+    flags.DEFINE_integer("steps", 600, "Training steps per model.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", 32, "Sequences per step.", lower_bound=1)
+    flags.DEFINE_float(
+        "learning_rate", 5e-3, "Peak learning rate (AdamW, warmup + cosine).", lower_bound=0
+    )
+    flags.DEFINE_integer("num_keys", 32, "Key vocabulary.", lower_bound=1)
+    flags.DEFINE_integer(
+        "num_values", 8, "Value vocabulary (chance = 1 / num_values).", lower_bound=1
+    )
+    flags.DEFINE_integer("num_layers", 2, "Layers (hybrid: the last one softmax).", lower_bound=1)
+    flags.DEFINE_integer("embed_dim", 64, "Model width.", lower_bound=1)
+    flags.DEFINE_integer("num_heads", 4, "Heads.", lower_bound=1)
+    flags.DEFINE_integer(
+        "eval_sequences", 512, "Held-out sequences per context length.", lower_bound=1
+    )
+    flags.DEFINE_integer("seed", 0, "Seed of the init and the data.", lower_bound=0)
     flags.DEFINE_bool("fused", True, "One token per key-value pair (3N tokens), else 4N.")
     flags.DEFINE_string("out", "runs/recall/recall.json", "JSON path (PNG beside it).")
     flags.DEFINE_list("merge", [], "Join these JSONs of one-mixer runs into --out; no training.")
@@ -271,7 +281,7 @@ def merge(paths: list[str], out: str) -> None:
             runs.append(json.load(fh))
     configs = [{k: v for k, v in r["config"].items() if k != "mixers"} for r in runs]
     if any(c != configs[0] for c in configs):
-        raise app.UsageError(f"--merge: the runs {paths} differ in more than --mixers")
+        raise cli.UsageError(f"--merge: the runs {paths} differ in more than --mixers")
     merged = dict(runs[0])
     merged["results"] = [res for r in runs for res in r["results"]]
     merged["config"] = {**runs[0]["config"], "mixers": [m["mixer"] for m in merged["results"]]}
@@ -309,12 +319,12 @@ def main(argv):
         return
     pairs = [int(p) for p in f.pairs]
     if not pairs or min(pairs) < 1:
-        raise app.UsageError(f"--pairs must be positive ints, got {f.pairs}")
+        raise cli.UsageError(f"--pairs must be positive ints, got {f.pairs}")
     if max(pairs) > f.num_keys:
-        raise app.UsageError(f"--pairs (up to {max(pairs)}) must not exceed --num_keys")
+        raise cli.UsageError(f"--pairs (up to {max(pairs)}) must not exceed --num_keys")
     bad = [m for m in f.mixers if m not in ("lightning", "softmax", "hybrid")]
     if bad:
-        raise app.UsageError(f"--mixers must be lightning, softmax or hybrid, got {bad}")
+        raise cli.UsageError(f"--mixers must be lightning, softmax or hybrid, got {bad}")
     results = []
     for mixer in f.mixers:
         results.append(
@@ -348,4 +358,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

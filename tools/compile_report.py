@@ -36,7 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
+
+from lightning_jax import cli
 
 GPU_TARGET_DIR = Path(__file__).resolve().parent / "gpu_targets"
 GPU_TARGETS = {"h100": "h100_sxm.txtpb", "h200": "h200.txtpb"}
@@ -75,8 +77,10 @@ def define_flags() -> None:
     )
     flags.DEFINE_string("json", None, "Write the rows as a JSON list here.")
     flags.DEFINE_bool("markdown", False, "Also print a markdown table (one line per compile).")
-    flags.DEFINE_integer("timeout", 600, "Seconds per compile before it counts as failed.")
-    flags.DEFINE_integer("jobs", 2, "Compiles run at once.")
+    flags.DEFINE_integer(
+        "timeout", 600, "Seconds per compile before it counts as failed.", lower_bound=1
+    )
+    flags.DEFINE_integer("jobs", 2, "Compiles run at once.", lower_bound=1)
     flags.DEFINE_string("worker", None, "Internal: compile one job given as JSON and print a row.")
 
 
@@ -593,4 +597,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

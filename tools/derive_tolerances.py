@@ -33,15 +33,17 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from lightning_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list(
     "impls", ["xla", "triton", "mosaic_tpu", "mosaic_gpu"], "Implementations to measure."
 )
 flags.DEFINE_list("dtypes", ["float32", "bfloat16", "float16"], "Input dtypes.")
-flags.DEFINE_integer("extra_seeds", 1, "Seeds measured besides the tests' own seed.")
-flags.DEFINE_float("factor", 4.0, "Tolerance = factor x the worst measured error.")
+flags.DEFINE_integer("extra_seeds", 1, "Seeds measured besides the tests' own seed.", lower_bound=0)
+flags.DEFINE_float("factor", 4.0, "Tolerance = factor x the worst measured error.", lower_bound=0)
 flags.DEFINE_string(
     "out",
     "runs/tolerances.json",
@@ -168,4 +170,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

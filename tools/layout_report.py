@@ -32,9 +32,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 import compile_report
+from lightning_jax import cli
 
 FLAGS = flags.FLAGS
 IMPLS = {"h100": "triton", "h200": "triton", "v5e": "mosaic_tpu", "v6e": "mosaic_tpu"}
@@ -169,4 +170,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

@@ -47,8 +47,9 @@ import tempfile
 import time
 from typing import NamedTuple
 
-from absl import app, flags
+from absl import flags
 
+from lightning_jax import cli
 from machine_info import cpu_name
 
 FLAGS = flags.FLAGS
@@ -521,4 +522,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import sys
 import xml.etree.ElementTree as ET
 from typing import NamedTuple
 
-from absl import app, flags
+from absl import flags
+
+from lightning_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list(
@@ -38,7 +39,7 @@ flags.DEFINE_list(
     None,
     "fnmatch patterns of node ids to count as added (default: ISSUE_11_TESTS).",
 )
-flags.DEFINE_integer("top", 10, "List this many of the slowest added tests.")
+flags.DEFINE_integer("top", 10, "List this many of the slowest added tests.", lower_bound=1)
 flags.DEFINE_string("json", None, "Also write the figures here as JSON.")
 
 # The tests issue 11 added (merge 17b833f): the long low-precision cases and the
@@ -136,7 +137,7 @@ def suite_share(cases: list[Case], patterns: tuple[str, ...]) -> dict:
 
 def main(argv):
     if len(argv) < 2:
-        raise app.UsageError("usage: suite_time.py JUNIT_XML [JUNIT_XML ...] [--tests=PATTERN,...]")
+        raise cli.UsageError("usage: suite_time.py JUNIT_XML [JUNIT_XML ...] [--tests=PATTERN,...]")
     patterns = tuple(FLAGS.tests) if FLAGS.tests else ISSUE_11_TESTS
     paths = argv[1:]
     share = suite_share([case for path in paths for case in read_junit(path)], patterns)
@@ -158,4 +159,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    cli.run(main, positional=True)

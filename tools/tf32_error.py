@@ -21,14 +21,14 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import lightning_jax as lj
-from lightning_jax import xla
+from lightning_jax import cli, xla
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("json", None, "Also write the rows as JSON here.")
-flags.DEFINE_integer("seq", 2048, "Sequence length.")
+flags.DEFINE_integer("seq", 2048, "Sequence length.", lower_bound=1)
 
 CASES = [("none", 64), ("alibi", 64), ("alibi", 128)]  # slopes, d = e
 
@@ -123,4 +123,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

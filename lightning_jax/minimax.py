@@ -43,17 +43,17 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from flax.typing import Dtype
 from jax import lax
 
 from lightning_jax._checks import check_segment_ids, segment_counts
 from lightning_jax.api import lightning_attention
-from lightning_jax.models import check_tokens
+from lightning_jax.models import check_positive_field, check_tokens
 from lightning_jax.nn import (
     DecaySlopes,
     check_features,
+    check_kv_cache,
     check_sequence_parallel,
     rotary_embedding,
     segment_positions,
@@ -63,11 +63,6 @@ from lightning_jax.parallel import lightning_attention_sharded
 from lightning_jax.slopes import minimax_slopes
 
 LAYER_TYPES = ("linear_attention", "full_attention")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"MiniMaxConfig.{name} must be a positive int, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,10 +143,10 @@ class MiniMaxConfig:
             "num_experts_per_tok",
             "max_cache_len",
         ):
-            _positive_int(name, getattr(self, name))
+            check_positive_field("MiniMaxConfig", name, getattr(self, name))
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
-        _positive_int("num_key_value_heads", self.num_key_value_heads)
+        check_positive_field("MiniMaxConfig", "num_key_value_heads", self.num_key_value_heads)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"MiniMaxConfig: num_attention_heads ({self.num_attention_heads}) must be a "
@@ -164,7 +159,7 @@ class MiniMaxConfig:
                     f"num_attention_heads ({self.num_attention_heads}) when head_dim is not given"
                 )
         else:
-            _positive_int("head_dim", self.head_dim)
+            check_positive_field("MiniMaxConfig", "head_dim", self.head_dim)
         if self.num_experts_per_tok > self.num_local_experts:
             raise ValueError(
                 f"MiniMaxConfig: num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
@@ -397,24 +392,11 @@ class MiniMaxAttention(nnx.Module):
         return self.o_proj(o.reshape(batch, seq, self.num_heads * self.head_dim))
 
     def _cache_start(self, batch: int, seq: int) -> jax.Array:
-        if self.cached_key is None:
-            raise ValueError(
-                "MiniMaxAttention: decode=True needs a cache; call init_cache(batch_size, "
-                "max_length) first"
-            )
-        cached_batch, max_length = self.cached_key.shape[:2]
-        if cached_batch != batch:
-            raise ValueError(
-                f"MiniMaxAttention: the cache was made for batch size {cached_batch}, but the "
-                f"input has batch size {batch}"
-            )
-        index = self.cache_index[...]
-        if not isinstance(index, jax.core.Tracer) and int(index) + seq > max_length:
-            raise ValueError(
-                f"MiniMaxAttention: {int(index)} cached + {seq} new tokens exceed the cache "
-                f"length {max_length} (config.max_cache_len)"
-            )
-        return index
+        check_kv_cache(
+            "MiniMaxAttention", self.cached_key, self.cache_index, batch, seq,
+            "config.max_cache_len",
+        )  # fmt: skip
+        return self.cache_index[...]
 
 
 class MiniMaxSparseMoe(nnx.Module):

@@ -468,6 +468,35 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     return t - run_start
 
 
+def check_kv_cache(
+    owner: str, cached_key, cache_index, batch: int, seq: int, length_name: str = ""
+) -> None:
+    """Checks a softmax layer's KV cache for `seq` new tokens of a batch of `batch` rows.
+
+    cached_key: the `[B, max_length, ...]` cache (None before `init_cache`);
+    cache_index: how many tokens it holds. length_name: where the cache length
+    comes from, for the message (e.g. "config.max_cache_len").
+    """
+    if cached_key is None:
+        raise ValueError(
+            f"{owner}: decode=True needs a cache; call init_cache(batch_size, max_length) first"
+        )
+    cached_batch, max_length = cached_key.shape[:2]
+    if cached_batch != batch:
+        raise ValueError(
+            f"{owner}: the cache was made for batch size {cached_batch}, but the input has "
+            f"batch size {batch}"
+        )
+    index = cache_index[...]
+    # Only checkable outside jit; under jit dynamic_update_slice would clamp.
+    if not isinstance(index, jax.core.Tracer) and int(index) + seq > max_length:
+        where = f" ({length_name})" if length_name else ""
+        raise ValueError(
+            f"{owner}: {int(index)} cached + {seq} new tokens exceed the cache length "
+            f"{max_length}{where}"
+        )
+
+
 class SoftmaxAttention(nnx.Module):
     """Causal softmax attention with rotary embeddings and a KV cache (the baseline mixer).
 
@@ -602,21 +631,4 @@ class SoftmaxAttention(nnx.Module):
         return self.out_proj(o.reshape(batch, seq, self.num_heads * self.head_dim))
 
     def _check_cache(self, batch: int, seq: int) -> None:
-        if self.cached_key is None:
-            raise ValueError(
-                "SoftmaxAttention: decode=True needs a cache; call init_cache(batch_size, "
-                "max_length) first"
-            )
-        cached_batch, max_length = self.cached_key.shape[:2]
-        if cached_batch != batch:
-            raise ValueError(
-                f"SoftmaxAttention: the cache was made for batch size {cached_batch}, but the "
-                f"input has batch size {batch}"
-            )
-        index = self.cache_index[...]
-        # Only checkable outside jit; under jit dynamic_update_slice would clamp.
-        if not isinstance(index, jax.core.Tracer) and int(index) + seq > max_length:
-            raise ValueError(
-                f"SoftmaxAttention: {int(index)} cached + {seq} new tokens exceed the cache "
-                f"length {max_length}"
-            )
+        check_kv_cache("SoftmaxAttention", self.cached_key, self.cache_index, batch, seq)

@@ -19,7 +19,9 @@ import os
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
+
+from lightning_jax import cli
 
 flags.DEFINE_list("runs", [], "Folders (or compare.json paths) of one --compare run per seed.")
 flags.DEFINE_string("out", "runs/compare_seeds/compare_seeds.json", "JSON path (PNG beside it).")
@@ -31,12 +33,12 @@ def load_runs(paths: list[str]) -> list[dict]:
     for path in paths:
         file = os.path.join(path, "compare.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
-            raise app.UsageError(f"--runs: no compare.json at {path}")
+            raise cli.UsageError(f"--runs: no compare.json at {path}")
         with open(file) as fh:
             runs.append(json.load(fh))
     mixers = [sorted(r["runs"]) for r in runs]
     if any(m != mixers[0] for m in mixers):
-        raise app.UsageError(f"--runs: the runs compare different mixers: {mixers}")
+        raise cli.UsageError(f"--runs: the runs compare different mixers: {mixers}")
     return runs
 
 
@@ -97,7 +99,7 @@ def main(argv):
     del argv
     f = flags.FLAGS
     if not f.runs:
-        raise app.UsageError("--runs must name at least one --compare run")
+        raise cli.UsageError("--runs must name at least one --compare run")
     runs = load_runs(f.runs)
     summary = summarize(runs)
     n = len(runs)
@@ -124,4 +126,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

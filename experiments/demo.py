@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import lightning_jax as lj
+from lightning_jax import cli
 
 
 def _median_time(fn, *args, reps: int = 5) -> float:
@@ -28,7 +29,8 @@ def _median_time(fn, *args, reps: int = 5) -> float:
     return float(np.median(times))
 
 
-def main() -> None:
+def main(argv: list[str]) -> None:
+    del argv  # no flags: cli.run refuses any, and answers --help
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, devices {jax.devices()}")
     batch, heads, seq, d = 2, 8, 1000, 64
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -70,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

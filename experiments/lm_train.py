@@ -36,15 +36,18 @@ process 0 alone prints, writes metrics.jsonl and config.json, and plots.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -241,18 +244,26 @@ def validate_config(cfg: TrainConfig, num_devices: int | None = None) -> None:
             )
 
 
+def corpus_source(cfg: TrainConfig, corpus: lm_data.Corpus) -> str:
+    """The flags the corpus came from, for error messages: --data (and --max_corpus_bytes)."""
+    source = f"--data ({corpus.source})"
+    if cfg.max_corpus_bytes is not None:
+        source += f" read up to --max_corpus_bytes={cfg.max_corpus_bytes}"
+    return source
+
+
 def validate_corpus(cfg: TrainConfig, corpus: lm_data.Corpus) -> None:
     """Checks that the corpus holds one training window and one evaluation batch."""
     if corpus.train.size < cfg.seq_len + 1:
         raise ConfigError(
             f"--seq_len={cfg.seq_len} needs {cfg.seq_len + 1} train bytes; the train part of "
-            f"--data ({corpus.source}) has {corpus.train.size}"
+            f"{corpus_source(cfg, corpus)} has {corpus.train.size}"
         )
     eval_bytes = cfg.batch_size * (cfg.seq_len + 1)
     if corpus.held_out.size < eval_bytes:
         raise ConfigError(
             f"one evaluation batch of --batch_size={cfg.batch_size} x (--seq_len + 1) needs "
-            f"{eval_bytes} held-out bytes; the held-out part of --data ({corpus.source}) "
+            f"{eval_bytes} held-out bytes; the held-out part of {corpus_source(cfg, corpus)} "
             f"has {corpus.held_out.size}"
         )
     if cfg.batching != "stream":
@@ -305,8 +316,9 @@ def check_workdir(cfg: TrainConfig) -> None:
     """Refuses to mix runs in cfg.workdir; touches nothing (`prepare_workdir` clears).
 
     Without resume, a workdir holding any of RUN_FILES is refused unless overwrite;
-    with resume there must be a checkpoint at or below cfg.steps and a config.json
-    equal to cfg outside RESUME_MAY_DIFFER.
+    with resume the latest checkpoint (if any: without one the run starts from
+    step 0 there) must be at or below cfg.steps, and a saved config.json must
+    equal cfg outside RESUME_MAY_DIFFER.
 
     Raises:
       ConfigError: a one-line message naming --workdir, --resume or --overwrite.
@@ -321,17 +333,14 @@ def check_workdir(cfg: TrainConfig) -> None:
             )
         return
     steps = checkpoint_steps(workdir)
-    if not steps:
-        raise ConfigError(
-            f"--resume: no checkpoint in {Path(workdir) / 'checkpoints'} to resume from "
-            "(drop --resume to start a new run there)"
-        )
-    if steps[-1] > cfg.steps:
+    if steps and steps[-1] > cfg.steps:
         raise ConfigError(
             f"--steps={cfg.steps} is below the step {steps[-1]} of the checkpoint to resume from"
         )
     config_path = Path(workdir) / "config.json"
     if not config_path.exists():
+        if not steps:  # nothing of a run to continue: resume starts it from step 0
+            return
         raise ConfigError(
             f"--resume: {config_path} is missing, so the run's config cannot be checked "
             "(pass --overwrite to start over)"
@@ -601,16 +610,176 @@ def _restore(manager, state):
     import orbax.checkpoint as ocp
 
     step = manager.latest_step()
-    if step is None:  # check_workdir found a checkpoint; orbax must see it too
-        raise ConfigError(f"--resume: orbax finds no checkpoint in {manager.directory}")
+    if step is None:  # no checkpoint yet: the run starts from step 0
+        return 0, state
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
     return step, manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+class LoadedRun(NamedTuple):
+    """A trained run restored by `load_run`."""
+
+    model: TransNormerLM  # the run's model with the checkpoint's parameters
+    config: TrainConfig  # the run's config.json (seq_parallel 1: one device)
+    step: int  # the training step of the restored checkpoint
+
+
+def load_run(workdir: str | os.PathLike, step: int | None = None) -> LoadedRun:
+    """Restores a `train_lm.py` run: its config and the parameters of a checkpoint.
+
+    Rebuilds the run's `TransNormerLM` from `workdir/config.json` on the default
+    device (a sequence-parallel run comes back as the plain model: the weights
+    are the same) and loads the parameters of the latest checkpoint in
+    `workdir/checkpoints` (or of `step`). The model decodes with
+    `lightning_jax.generate`; inputs are byte ids `[B, T]` (`lm_data.VOCAB_SIZE`
+    = 256), outputs logits `[B, T, 256]`.
+
+    Args:
+      workdir: the --workdir of a `train_lm.py` run (one run, not a --compare folder).
+      step: the checkpoint's step (None: the latest).
+
+    Returns:
+      `LoadedRun(model, config, step)`.
+
+    Raises:
+      ValueError: workdir holds no run (no config.json), no checkpoint, or no
+        checkpoint at `step`.
+    """
+    import orbax.checkpoint as ocp
+
+    workdir = Path(workdir)
+    config_path = workdir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{workdir} holds no train_lm.py run (no config.json)")
+    saved = json.loads(config_path.read_text())
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = {k: v for k, v in saved.items() if k in known}
+    cfg = TrainConfig(**{**fields, "seq_parallel": 1, "resume": False, "overwrite": False})
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise ValueError(f"{workdir} holds no checkpoint yet (in {workdir / 'checkpoints'})")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ValueError(f"{workdir} holds no checkpoint at step {step}; it has steps {steps}")
+    model = TransNormerLM(model_config(cfg), rngs=nnx.Rngs(cfg.seed))
+    graphdef, params, constants = nnx.split(model, nnx.Param, ...)
+    state = dict(params=params, opt_state=make_optimizer(cfg).init(params))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    options = ocp.CheckpointManagerOptions(create=False)  # reads only
+    with ocp.CheckpointManager(workdir.absolute() / "checkpoints", options=options) as manager:
+        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    return LoadedRun(nnx.merge(graphdef, restored["params"], constants), cfg, step)
+
+
+def sample_text(
+    model: TransNormerLM,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> str:
+    """Continues `prompt` with a byte-level model (`load_run`'s): greedy at temperature 0.
+
+    The prompt's UTF-8 bytes are the tokens `[1, P]`; the generated bytes are
+    decoded as UTF-8 (an invalid sequence, as a small model may emit, becomes U+FFFD).
+
+    Returns:
+      The prompt followed by the generated text.
+
+    Raises:
+      ValueError: an empty prompt, or a bad max_new_tokens, temperature or top_k.
+    """
+    from lightning_jax.generation import generate
+
+    data = prompt.encode("utf-8")
+    if not data:
+        raise ValueError("prompt must hold at least one character")
+    sampling = temperature != 0
+    out = generate(
+        model,
+        jnp.asarray(np.frombuffer(data, np.uint8)[None], jnp.int32),
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k if sampling else None,
+        rng=jax.random.key(seed) if sampling else None,
+    )
+    return bytes(np.asarray(out[0], np.uint8)).decode("utf-8", errors="replace")
 
 
 def _sync(name: str) -> None:
     """A barrier across processes (nothing to wait for in a single-process run)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"lm_train: {name}")
+
+
+class Interrupted(Exception):  # noqa: N818 (not an error: a requested stop)
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint at `step`.
+
+    Attributes:
+      step: the step of the saved checkpoint (a resumed run continues from it).
+      signum: the signal that stopped the run.
+      workdir: the run's directory.
+    """
+
+    def __init__(self, step: int, signum: int, workdir: str):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}")
+        self.step, self.signum, self.workdir = step, signum, workdir
+
+
+class _StopSignals:
+    """While active, SIGINT and SIGTERM set `signum` instead of stopping the process.
+
+    The training loop checks it between steps, saves and stops. A second signal
+    gets the previous handlers back (a second Ctrl-C stops at once). Outside the
+    main thread (where Python cannot install handlers) nothing is caught.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    @contextlib.contextmanager
+    def active(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+            for sig in self.SIGNALS:
+                signal.signal(sig, self._handle)
+        try:
+            yield self
+        finally:
+            self._restore()
+
+    def stop_now(self, check_processes: bool) -> bool:
+        """Whether to stop; with several processes, whether any process was signalled
+        (a collective: every process must call it at the same step)."""
+        if jax.process_count() == 1:
+            return self.signum is not None
+        if not check_processes:
+            return False
+        flags = multihost_utils.process_allgather(np.int32(self.signum or 0))
+        if self.signum is None and np.any(flags):
+            self.signum = int(np.max(flags))
+        return self.signum is not None
+
+
+def run_finished(cfg: TrainConfig) -> bool:
+    """Whether cfg.workdir holds a checkpoint at step cfg.steps (a resume has nothing to do)."""
+    steps = checkpoint_steps(cfg.workdir)
+    return bool(steps) and steps[-1] == cfg.steps
 
 
 def train(cfg: TrainConfig, corpus: lm_data.Corpus | None = None, verbose: bool = True) -> dict:
@@ -620,12 +789,24 @@ def train(cfg: TrainConfig, corpus: lm_data.Corpus | None = None, verbose: bool 
     `jax.distributed.initialize`); process 0 alone prints, writes the metrics,
     config and plot, and returns the records (the others return none).
 
+    SIGINT or SIGTERM during training (from the main thread) stops the run after
+    the current step: a checkpoint at that step is saved, the plot written, and
+    `Interrupted` raised; `resume` then continues exactly as if uninterrupted.
+    With several processes the processes agree on the stop at the next log step.
+    `resume` on a run whose latest checkpoint is at cfg.steps does nothing and
+    returns the saved records with `finished=True`.
+
     Raises:
       ConfigError: an unusable field (`validate_config`, `validate_corpus`) or workdir
         (`check_workdir`), before any training.
+      Interrupted: a signal stopped the run (after the checkpoint was saved).
     """
     validate_config(cfg)
     lead = jax.process_index() == 0
+    if cfg.resume and run_finished(cfg):
+        check_workdir(cfg)
+        records = read_metrics(Path(cfg.workdir) / "metrics.jsonl") if lead else []
+        return dict(config=dataclasses.asdict(cfg), records=records, state=None, finished=True)
     # Every process checks the workdir before process 0 clears or writes anything in it.
     check_workdir(cfg)
     _sync("workdir checked")
@@ -648,8 +829,6 @@ def train(cfg: TrainConfig, corpus: lm_data.Corpus | None = None, verbose: bool 
         with open(Path(cfg.workdir) / "config.json", "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=1)
     data = training_data(cfg, corpus)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
     if verbose and jax.process_count() > 1:  # every process: which block it loads
         rows, tokens = trainer.local_rows, trainer.local_tokens
         print(
@@ -674,6 +853,28 @@ def train(cfg: TrainConfig, corpus: lm_data.Corpus | None = None, verbose: bool 
                 f"{cfg.seq_len}, {data.pad_fraction:.2%} padding",
                 flush=True,
             )
+    stop = _StopSignals()
+    with stop.active():
+        done = _train_loop(cfg, trainer, manager, corpus, data, start, stop, verbose)
+    manager.close()
+    all_records = read_metrics(metrics_path) if lead else []
+    if cfg.plot and all_records:
+        plot_losses({cfg.mixer: all_records}, Path(cfg.workdir) / "loss.png")
+    if done < cfg.steps:
+        raise Interrupted(done, stop.signum, cfg.workdir)
+    return dict(
+        config=dataclasses.asdict(cfg), records=all_records, state=trainer.state, finished=False
+    )
+
+
+def _train_loop(cfg, trainer, manager, corpus, data, start, stop, verbose) -> int:
+    """Steps start..cfg.steps (logging, evaluating, saving); returns the last step done,
+    below cfg.steps when a signal stopped it (after saving a checkpoint there)."""
+    lead = jax.process_index() == 0
+    metrics_path = Path(cfg.workdir) / "metrics.jsonl"
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    window_start, window_steps, window_tokens = time.perf_counter(), 0, 0
+    done = start
     for step in range(start, cfg.steps):
         loss = trainer.step(data, step)
         done = step + 1
@@ -702,13 +903,14 @@ def train(cfg: TrainConfig, corpus: lm_data.Corpus | None = None, verbose: bool 
                 f.write(json.dumps(record) + "\n")
             if verbose:
                 print(_progress_line(cfg, record, done), flush=True)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        saved = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        if saved:
             _save(manager, done, trainer.state)
-    manager.close()
-    all_records = read_metrics(metrics_path) if lead else []
-    if cfg.plot and all_records:
-        plot_losses({cfg.mixer: all_records}, Path(cfg.workdir) / "loss.png")
-    return dict(config=dataclasses.asdict(cfg), records=all_records, state=trainer.state)
+        if done < cfg.steps and stop.stop_now(check_processes=done % cfg.log_every == 0):
+            if not saved:
+                _save(manager, done, trainer.state)
+            break
+    return done
 
 
 def real_tokens(cfg: TrainConfig, data: np.ndarray | lm_data.DocumentRows, step: int) -> int:

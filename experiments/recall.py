@@ -52,10 +52,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lightning_jax import cli
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "tools"))
 
 import machine_info  # noqa: E402
 from lightning_jax.models import TransNormerConfig, TransNormerLM  # noqa: E402
@@ -329,19 +333,31 @@ def plot_recall(rows: list[dict], chance: float, path: str, title: str = "") -> 
 
 def _define_flags():
     flags.DEFINE_list("mixers", ["lightning", "softmax", "hybrid"], "Models to train.")
+    cli.choice_list("mixers", ("lightning", "softmax", "hybrid"))
     flags.DEFINE_list("pairs", ["4", "8", "16", "32"], "Key-value pairs per sequence (N).")
+    cli.int_list("pairs")
     flags.DEFINE_integer("steps", 600, "Training steps per model.")
+    cli.positive_int("steps")
     flags.DEFINE_integer("batch_size", 32, "Sequences per step.")
+    cli.positive_int("batch_size")
     flags.DEFINE_float("learning_rate", 5e-3, "Peak learning rate (AdamW, warmup + cosine).")
     flags.DEFINE_integer("num_keys", 64, "Key vocabulary.")
+    cli.positive_int("num_keys")
     flags.DEFINE_integer("num_values", 64, "Value vocabulary (chance = 1 / num_values).")
+    cli.positive_int("num_values")
     flags.DEFINE_integer("num_layers", 2, "Layers (hybrid: the last one softmax).")
+    cli.positive_int("num_layers")
     flags.DEFINE_integer("embed_dim", 64, "Model width.")
+    cli.positive_int("embed_dim")
     flags.DEFINE_integer("num_heads", 4, "Heads.")
+    cli.positive_int("num_heads")
     flags.DEFINE_list("head_dims", [], "Per-head widths d to sweep (empty: embed_dim / heads).")
+    cli.int_list("head_dims", nonempty=False)
     flags.DEFINE_float("init_std", None, "Std of every kernel's init (None: 1/sqrt(embed_dim)).")
     flags.DEFINE_integer("eval_sequences", 512, "Held-out sequences per N.")
+    cli.positive_int("eval_sequences")
     flags.DEFINE_list("seeds", ["0"], "Seeds of the init and the training data, one run each.")
+    cli.int_list("seeds", minimum=0)
     flags.DEFINE_bool("fused", False, "One token per key-value pair (3N tokens), else 4N.")
     flags.DEFINE_string("out", "runs/recall/recall.json", "JSON path (PNG beside it).")
     flags.DEFINE_list("merge", [], "Join these JSONs of runs of one task into --out; no training.")
@@ -363,7 +379,7 @@ def merge(paths: list[str], out: str) -> None:
             runs.append(json.load(fh))
     configs = [{k: v for k, v in r["config"].items() if k not in _SWEPT} for r in runs]
     if any(c != configs[0] for c in configs):
-        raise app.UsageError(f"--merge: the runs {paths} differ in more than {', '.join(_SWEPT)}")
+        raise cli.UsageError(f"--merge: the runs {paths} differ in more than {', '.join(_SWEPT)}")
     merged = dict(runs[0])
     merged["results"] = [res for r in runs for res in r["results"]]
     config = dict(runs[0]["config"])
@@ -428,9 +444,9 @@ def _positive_ints(name: str, values: list[str]) -> list[int]:
     try:
         ints = [int(v) for v in values]
     except ValueError:
-        raise app.UsageError(f"--{name} must be ints, got {values}") from None
+        raise cli.UsageError(f"--{name} must be ints, got {values}") from None
     if any(i < 1 for i in ints):
-        raise app.UsageError(f"--{name} must be positive ints, got {values}")
+        raise cli.UsageError(f"--{name} must be positive ints, got {values}")
     return ints
 
 
@@ -442,23 +458,23 @@ def main(argv):
         return
     pairs = _positive_ints("pairs", f.pairs)
     if not pairs:
-        raise app.UsageError("--pairs must name at least one N")
+        raise cli.UsageError("--pairs must name at least one N")
     if max(pairs) > f.num_keys:
-        raise app.UsageError(f"--pairs (up to {max(pairs)}) must not exceed --num_keys")
+        raise cli.UsageError(f"--pairs (up to {max(pairs)}) must not exceed --num_keys")
     head_dims = _positive_ints("head_dims", f.head_dims) or [None]
     if any(d is not None and d % 2 for d in head_dims) and set(f.mixers) != {"lightning"}:
-        raise app.UsageError(f"--head_dims must be even for softmax layers, got {f.head_dims}")
+        raise cli.UsageError(f"--head_dims must be even for softmax layers, got {f.head_dims}")
     try:
         seeds = [int(s) for s in f.seeds]
     except ValueError:
-        raise app.UsageError(f"--seeds must be ints, got {f.seeds}") from None
+        raise cli.UsageError(f"--seeds must be ints, got {f.seeds}") from None
     if not seeds:
-        raise app.UsageError("--seeds must name at least one seed")
+        raise cli.UsageError("--seeds must name at least one seed")
     bad = [m for m in f.mixers if m not in ("lightning", "softmax", "hybrid")]
     if bad or not f.mixers:
-        raise app.UsageError(f"--mixers must be lightning, softmax or hybrid, got {f.mixers}")
+        raise cli.UsageError(f"--mixers must be lightning, softmax or hybrid, got {f.mixers}")
     if f.init_std is not None and f.init_std <= 0:
-        raise app.UsageError(f"--init_std must be positive, got {f.init_std}")
+        raise cli.UsageError(f"--init_std must be positive, got {f.init_std}")
     results = []
     start = time.perf_counter()
     for head_dim in head_dims:
@@ -499,4 +515,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

@@ -30,8 +30,10 @@ import time
 
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
+
+from lightning_jax import cli
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,7 +133,7 @@ def main(argv):
     f = flags.FLAGS
     bad = [v for v in f.variants if v not in VARIANTS]
     if bad:
-        raise app.UsageError(f"--variants must be of {VARIANTS}, got {bad}")
+        raise cli.UsageError(f"--variants must be of {VARIANTS}, got {bad}")
     pairs = [int(p) for p in f.pairs]
     if f.init_only:
         print("| first layer | init std | mixer/embedding RMS at init |")
@@ -166,4 +168,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -14,13 +14,20 @@ git-ignored): metrics.jsonl, config.json, orbax checkpoints, loss.png.
   python experiments/train_lm.py --pack      # whole files packed in rows, with segment ids
   python experiments/train_lm.py --batching=pad   # one file (piece) per row, padded
 
-A workdir that already holds a run is refused unless --resume (continue it; the
-saved config.json must match the flags except steps, log_every, eval_every,
-checkpoint_every, impl and seq_parallel; there must be a checkpoint) or
---overwrite (delete the run's files there: checkpoints/, metrics.jsonl,
-config.json, loss.png; with --compare also compare.png, compare.json and the
-sub-runs). A flag mistake exits with status 2 and one line naming the flag,
-before any training.
+A workdir that already holds a run is refused unless --resume (continue it from
+its latest checkpoint, or from step 0 if it has none yet; the saved config.json
+must match the flags except steps, log_every, eval_every, checkpoint_every, impl
+and seq_parallel) or --overwrite (delete the run's files there: checkpoints/,
+metrics.jsonl, config.json, loss.png; with --compare also compare.png,
+compare.json and the sub-runs). --resume on a finished run (a checkpoint at
+--steps) says so and changes nothing. A flag mistake exits with status 2 and one
+line naming the flag, before any training; every flag is checked before the
+workdir is.
+
+Ctrl-C (SIGINT) or SIGTERM during training saves a checkpoint at the current
+step, writes loss.png, prints the command that resumes the run and exits with
+status 130 (SIGINT) or 143 (SIGTERM); the resumed run's metrics equal an
+uninterrupted run's. A second Ctrl-C stops at once.
 
 Data-parallel over all local devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=4
 on a CPU). --seq_parallel=S also splits every sequence over S devices (mesh data x seq =
@@ -43,18 +50,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lm_data  # noqa: E402
 import lm_train  # noqa: E402
+from lightning_jax import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum(
@@ -97,7 +105,9 @@ flags.DEFINE_integer("max_corpus_bytes", None, "Read at most this many corpus by
 flags.DEFINE_string(
     "workdir", None, "Where the run writes everything (default: runs/train_<preset>[_compare])."
 )
-flags.DEFINE_bool("resume", False, "Continue the run in --workdir (it must hold a checkpoint).")
+flags.DEFINE_bool(
+    "resume", False, "Continue the run in --workdir from its latest checkpoint (none: step 0)."
+)
 flags.DEFINE_bool("overwrite", False, "Delete the run in --workdir first, then start afresh.")
 flags.DEFINE_bool(
     "distributed",
@@ -199,7 +209,8 @@ def compare_configs(cfg: lm_train.TrainConfig) -> list[lm_train.TrainConfig]:
 def validate_flags(cfg: lm_train.TrainConfig) -> tuple[list[lm_train.TrainConfig], lm_data.Corpus]:
     """Every check of the flags, before any training; returns the runs and their corpus.
 
-    Cheap checks first (fields, the workdir), then the device count, then the corpus.
+    The flags first (fields, then the device count, then the corpus), the workdir
+    last: a flag mistake is reported as itself, never as the state of the workdir.
 
     Raises:
       lm_train.ConfigError: a one-line message naming the flag.
@@ -219,6 +230,19 @@ def validate_flags(cfg: lm_train.TrainConfig) -> tuple[list[lm_train.TrainConfig
     runs = compare_configs(cfg) if FLAGS.compare else [cfg]
     for run in runs:
         lm_train.validate_config(run)
+    # The device count initialises a backend: after the cheap checks. Every process's
+    # devices: the mesh spans them all.
+    lm_train.validate_config(cfg, num_devices=len(jax.devices()))
+    try:
+        corpus = lm_data.load_corpus(cfg.data, max_bytes=cfg.max_corpus_bytes)
+    except ValueError as err:
+        if cfg.max_corpus_bytes is not None:  # the cut, not the data, may be at fault
+            raise lm_train.ConfigError(
+                f"--max_corpus_bytes={cfg.max_corpus_bytes}: {err}"
+            ) from None
+        raise lm_train.ConfigError(f"--data: {err}") from None
+    lm_train.validate_corpus(cfg, corpus)
+
     if FLAGS.compare and not FLAGS.resume and not FLAGS.overwrite:
         present = lm_train.run_files(cfg.workdir) + [
             name for name in COMPARE_FILES if (Path(cfg.workdir) / name).exists()
@@ -230,53 +254,71 @@ def validate_flags(cfg: lm_train.TrainConfig) -> tuple[list[lm_train.TrainConfig
             )
     for run in runs:
         lm_train.check_workdir(run)
-
-    # The device count initialises a backend: after the cheap checks. Every process's
-    # devices: the mesh spans them all.
-    lm_train.validate_config(cfg, num_devices=len(jax.devices()))
-    try:
-        corpus = lm_data.load_corpus(cfg.data, max_bytes=cfg.max_corpus_bytes)
-    except ValueError as err:
-        raise lm_train.ConfigError(f"--data: {err}") from None
-    lm_train.validate_corpus(cfg, corpus)
+    for run in runs:  # last: a refused run leaves no folder behind
+        try:
+            os.makedirs(run.workdir, exist_ok=True)
+        except OSError as err:
+            raise lm_train.ConfigError(
+                f"--workdir={cfg.workdir}: cannot create {run.workdir} ({err.strerror})"
+            ) from None
+        if not os.access(run.workdir, os.W_OK):
+            raise lm_train.ConfigError(f"--workdir={cfg.workdir}: {run.workdir} is not writable")
     return runs, corpus
 
 
-def usage_error(message: str) -> NoReturn:
-    """The one line a flag mistake prints (no traceback); exit status 2, as argparse."""
-    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
-    sys.exit(2)
+def resume_command(argv: list[str]) -> str:
+    """The command line that resumes this run: argv with --resume, without --overwrite."""
+    drop = {"--overwrite", "--nooverwrite", "--resume", "--noresume"}
+    args = [
+        a for a in argv[1:] if a not in drop and not a.startswith(("--overwrite=", "--resume="))
+    ]
+    return shlex.join(["python", argv[0], *args, "--resume"])
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with a malformed flag reported as one line and status 2."""
+def train_one(cfg: lm_train.TrainConfig, corpus: lm_data.Corpus) -> dict:
+    """lm_train.train; on a signal, the one line that says how to resume, and exit 128 + signal."""
     try:
-        return FLAGS(argv)
-    except flags.Error as err:
-        usage_error(str(err))
+        return lm_train.train(cfg, corpus)
+    except lm_train.Interrupted as stop:
+        if jax.process_index() == 0:
+            print(
+                f"interrupted at step {stop.step}/{cfg.steps}: saved a checkpoint and "
+                f"{cfg.workdir}/loss.png; resume with: {resume_command(sys.argv)}",
+                file=sys.stderr,
+                flush=True,
+            )
+        sys.exit(128 + stop.signum)
 
 
 def main(argv):
-    if len(argv) > 1:
-        usage_error(f"unexpected arguments {argv[1:]} (flags take the form --name=value)")
+    del argv  # cli.run refuses positional arguments
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     try:
         cfg = config_from_flags()
         init_distributed()  # before validate_flags counts the devices
         runs, corpus = validate_flags(cfg)
     except lm_train.ConfigError as err:
-        usage_error(str(err))
+        cli.usage_error(str(err))
+    lead = jax.process_index() == 0
+    if FLAGS.resume and all(lm_train.run_finished(run) for run in runs):
+        if lead:
+            steps = lm_train.checkpoint_steps(runs[0].workdir)[-1]
+            print(
+                f"{cfg.workdir}: the run is finished (checkpoint at step {steps} = --steps); "
+                "nothing to do (pass a larger --steps to train further)"
+            )
+        return
     if FLAGS.compare and FLAGS.overwrite:
         for name in COMPARE_FILES:
             (Path(cfg.workdir) / name).unlink(missing_ok=True)
         lm_train.clear_run(cfg.workdir)
     if not FLAGS.compare:
-        lm_train.train(cfg, corpus)
-        if jax.process_index() == 0:
+        train_one(cfg, corpus)
+        if lead:
             print(f"wrote {cfg.workdir}/metrics.jsonl and {cfg.workdir}/loss.png")
         return
-    runs = {run.mixer: lm_train.train(run, corpus)["records"] for run in runs}
-    if jax.process_index() != 0:  # process 0 plots and reports
+    runs = {run.mixer: train_one(run, corpus)["records"] for run in runs}
+    if not lead:  # process 0 plots and reports
         return
     out = Path(cfg.workdir) / "compare.png"
     lm_train.plot_losses(runs, out, title=f"{' vs '.join(runs)}, same data and budget")
@@ -299,5 +341,14 @@ def main(argv):
     print(f"wrote {out} and {Path(cfg.workdir) / 'compare.json'}")
 
 
+def run_main(argv):
+    """main, with a Ctrl-C before training (imports, corpus, model) one line, exit 130."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(run_main)

@@ -4,13 +4,13 @@ import importlib
 
 from lightning_jax import reference
 from lightning_jax.api import available_impls, lightning_attention
-from lightning_jax.slopes import alibi_slopes, layer_slopes
+from lightning_jax.slopes import alibi_slopes, layer_slopes, minimax_slopes
 from lightning_jax.varlen import lightning_attention_varlen
 
 __version__ = "0.1.0"
 
 # Flax-based parts load on first use, so `import lightning_jax` stays light.
-_LAZY_SUBMODULES = ("generation", "linen", "models", "nn")
+_LAZY_SUBMODULES = ("generation", "hf", "linen", "minimax", "models", "nn")
 
 
 def __getattr__(name: str):
@@ -30,5 +30,6 @@ __all__ = [
     "layer_slopes",
     "lightning_attention",
     "lightning_attention_varlen",
+    "minimax_slopes",
     "reference",
 ]

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from lightning_jax import reference
-from lightning_jax._checks import check_inputs, check_segment_ids, compute_dtype
+from lightning_jax._checks import (
+    check_inputs,
+    check_segment_ids,
+    compute_dtype,
+    dims_of,
+    layout_hint,
+)
 from lightning_jax.xla import lightning_attention_xla
 
 
-def _xla(q, k, v, slopes, initial_state, block_size, interpret, precision, segment_ids=None):
+def _xla(q, k, v, slopes, initial_state, block_size, interpret, precision, segment_ids, layout):
     del interpret  # plain XLA: runs on every backend
     return lightning_attention_xla(
         q,
@@ -24,12 +30,17 @@ def _xla(q, k, v, slopes, initial_state, block_size, interpret, precision, segme
         block_size=block_size,
         precision=precision,
         segment_ids=segment_ids,
+        layout=layout,
     )
 
 
-def _reference(q, k, v, slopes, initial_state, block_size, interpret, precision, segment_ids=None):
+def _reference(
+    q, k, v, slopes, initial_state, block_size, interpret, precision, segment_ids, layout
+):
     del block_size, interpret, precision  # the reference has no tiling and is always exact
-    return reference.naive_attention(
+    if layout == "bthd":  # the reference is for checks only: a transpose costs nothing there
+        q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))
+    o, state = reference.naive_attention(
         q,
         k,
         v,
@@ -38,6 +49,7 @@ def _reference(q, k, v, slopes, initial_state, block_size, interpret, precision,
         return_final_state=True,
         segment_ids=segment_ids,
     )
+    return (jnp.swapaxes(o, 1, 2) if layout == "bthd" else o), state
 
 
 def _pallas_kernel(backend: str) -> Callable:
@@ -48,7 +60,7 @@ def _pallas_kernel(backend: str) -> Callable:
     loads the others' Pallas modules.
     """
 
-    def call(q, k, v, slopes, initial_state, block_size, interpret, precision, segment_ids=None):
+    def call(q, k, v, slopes, initial_state, block_size, interpret, precision, segment_ids, layout):
         module = importlib.import_module(f"pallas_kernels.{backend}")
         return getattr(module, f"lightning_attention_{backend}")(
             q,
@@ -60,13 +72,14 @@ def _pallas_kernel(backend: str) -> Callable:
             interpret=interpret,
             precision=precision,
             segment_ids=segment_ids,
+            layout=layout,
         )
 
     return call
 
 
 # name -> fn(q, k, v, slopes [H] f32, initial_state [B, H, d, e], block_size, interpret,
-#            precision[, segment_ids=None]) -> (o, final_state)
+#            precision, segment_ids or None, layout) -> (o, final_state), on checked arguments.
 _IMPLS: dict[str, Callable] = {
     "xla": _xla,
     "reference": _reference,
@@ -75,14 +88,12 @@ _IMPLS: dict[str, Callable] = {
     "mosaic_gpu": _pallas_kernel("mosaic_gpu"),
 }
 _PALLAS_IMPLS = ("triton", "mosaic_tpu", "mosaic_gpu")
-# The implementations that take `segment_ids`; any other refuses them (never ignores them).
-_SEGMENT_IMPLS = ("xla", "reference", "triton", "mosaic_tpu", "mosaic_gpu")
 # Matmul precision for float32 inputs (see `lightning_attention`).
 PRECISIONS = ("default", "highest")
 # The best implementation per backend; anything else (CPU) takes the XLA path.
 _AUTO = {"gpu": "triton", "cuda": "triton", "rocm": "triton", "tpu": "mosaic_tpu"}
 
-# Where experiments/gpu_check.sh has passed for impl="mosaic_gpu" on real Hopper-class
+# Where tools/gpu_check.sh has passed for impl="mosaic_gpu" on real Hopper-class
 # hardware: {"device": ..., "date": ..., "jax": ...}. None: never run on a GPU, so
 # impl="auto" keeps "triton" on every GPU and "mosaic_gpu" is opt-in. Fill this in
 # (device, date, jax version) only from a gpu_check.sh run that passed.
@@ -136,6 +147,7 @@ def lightning_attention(
     interpret: bool | None = None,
     precision: str = "default",
     segment_ids: jax.Array | None = None,
+    layout: str = "bhtd",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Causal linear attention with a per-head exponential decay (Lightning Attention-2).
 
@@ -149,17 +161,21 @@ def lightning_attention(
     1/sqrt(d) scale: normalise outside the op.
 
     Args:
-      q: `[B, H, T, D]` queries, any floating dtype.
-      k: `[B, H, T, D]` keys.
-      v: `[B, H, T, E]` values; E may differ from D.
+      q: `[B, H, T, D]` queries (`[B, T, H, D]` with layout="bthd"), any
+        floating dtype.
+      k: keys, the shape and dtype of q.
+      v: `[B, H, T, E]` values (`[B, T, H, E]` with layout="bthd"), q's dtype;
+        E may differ from D.
       slopes: None (lambda = 1, plain causal linear attention), a scalar for
-        every head, or `[H]` (e.g. `alibi_slopes(H)`), all >= 0. Slopes are
+        every head, or `[H]` (e.g. `alibi_slopes(H)`), all >= 0: any real
+        array-like (Python or NumPy number, list, NumPy or JAX array, integer or
+        floating), used as float32. Slopes are
         constants of the operator, as in the paper: no gradient flows to them.
         Their values are checked when they exist at the call: Python numbers
         and NumPy arrays always, JAX arrays unless traced (a traced slope, e.g.
         an argument of a jitted function, is not checked).
-      initial_state: optional `[B, H, D, E]` state kv_0 (zeros if None).
-        Differentiable.
+      initial_state: optional `[B, H, D, E]` state kv_0 (zeros if None), in
+        either layout, any floating dtype (used in float32). Differentiable.
       return_final_state: also return the state after the last token.
       impl: "auto" (the best implementation for the default backend: "triton"
         on GPU, "mosaic_tpu" on TPU, "xla" elsewhere), "xla" (chunked pure-jnp
@@ -168,7 +184,7 @@ def lightning_attention(
         Hopper sm_90+ with wgmma and TMA; bf16/f16 on tensor cores in their
         type, float32 at TF32) or "reference" (the O(T^2) masked formula; for checks
         only). "auto" picks "mosaic_gpu" on GPUs of compute capability >= 9.0
-        only once `experiments/gpu_check.sh` has passed on real Hopper-class
+        only once `tools/gpu_check.sh` has passed on real Hopper-class
         hardware (recorded in `api.MOSAIC_GPU_VALIDATED`; not yet), so no user
         gets a never-run kernel by default; "triton" stays for older GPUs and
         AMD until JAX removes the Triton backend.
@@ -198,25 +214,63 @@ def lightning_attention(
         their outputs are meaningless and should be masked out of a loss. None:
         the whole row is one sequence (the unsegmented code path, same cost).
         Not differentiable (integers). Taken by every implementation.
+      layout: "bhtd" (default): q, k, v are `[B, H, T, D]`; "bthd": `[B, T, H, D]`,
+        the layout of `jax.nn.dot_product_attention` and of a projection
+        `[B, T, H*D]` reshaped, so a layer needs no transpose. The XLA path and
+        the Triton and Mosaic TPU kernels read and write that layout in place;
+        Mosaic GPU transposes around its kernel (its TMA tiles are per head).
+        Results are the same in both layouts (o in the layout of q).
+
+    Dtypes: q, k and v must share one floating dtype (as in
+    `jax.nn.dot_product_attention`); mixing them is an error rather than a
+    silent cast, since rounding k or v to q's type (or promoting q) changes the
+    result or the cost without the caller asking. The kernels multiply in that
+    dtype with float32 accumulation; states are float32 (float64 with float64
+    inputs on "xla" and "reference").
 
     Returns:
-      o `[B, H, T, E]` in q's dtype (accumulated in float32); with
-      `return_final_state=True`, `(o, final_state)` where final_state
-      `[B, H, D, E]` float32 is kv after the last token.
+      o `[B, H, T, E]` (`[B, T, H, E]` with layout="bthd") in q's dtype
+      (accumulated in float32); with `return_final_state=True`,
+      `(o, final_state)` where final_state `[B, H, D, E]` float32 is kv after
+      the last token.
 
     Raises:
-      ValueError: a wrong rank or shape (naming the argument and shapes), an
-        unknown `impl` or `precision`, a non-positive `block_size`, negative or
-        non-finite slopes (not traced ones: see `slopes`), `segment_ids` not
-        `[B, T]`.
-      TypeError: a non-floating dtype, non-integer `segment_ids`, or float64
-        inputs to a Pallas kernel.
-      NotImplementedError: `segment_ids` given to an implementation that does
-        not support them yet.
+      ValueError: a wrong rank or shape (naming the argument and shapes, and
+        the other layout when it would explain them), an unknown `impl`,
+        `precision` or `layout`, a non-positive `block_size` or one the chosen
+        kernel cannot tile (Triton: a power of two >= 16; Mosaic TPU: a
+        multiple of 8; the XLA path tiles any size), negative or non-finite
+        slopes (not traced ones: see `slopes`), `segment_ids` not `[B, T]`.
+      TypeError: a non-floating dtype, q, k, v of different dtypes, slopes that
+        are not real numbers, non-integer `segment_ids`, or float64 inputs to a
+        Pallas kernel.
     """
-    slopes = check_inputs(q, k, v, slopes, initial_state)
+    slopes = check_inputs(q, k, v, slopes, initial_state, layout)
+    dims = dims_of(q, v, layout)
     if segment_ids is not None:
-        check_segment_ids(segment_ids, q.shape[0], q.shape[2])
+        check_segment_ids(
+            segment_ids, dims.batch, dims.seq, hint=lambda n: layout_hint(layout, q, n, "seq")
+        )
+    name = check_options(impl, return_final_state, block_size, interpret, precision)
+    check_impl_dtype(name, q)
+    return attention(
+        q,
+        k,
+        v,
+        slopes,
+        initial_state=initial_state,
+        return_final_state=return_final_state,
+        impl=name,
+        block_size=block_size,
+        interpret=interpret,
+        precision=precision,
+        segment_ids=segment_ids,
+        layout=layout,
+    )
+
+
+def check_options(impl, return_final_state, block_size, interpret, precision="default") -> str:
+    """Checks the op's options; returns the implementation's name ("auto" resolved)."""
     if not isinstance(return_final_state, bool):
         raise TypeError(f"return_final_state must be a bool, got {return_final_state!r}")
     if block_size is not None and (
@@ -227,31 +281,49 @@ def lightning_attention(
         raise TypeError(f"interpret must be None or a bool, got {interpret!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    name = _resolve_impl(impl)
-    if name in _PALLAS_IMPLS:
-        for arg_name, x in (("q", q), ("k", k), ("v", v)):
-            if x.dtype == jax.numpy.float64:
-                raise TypeError(
-                    f"{arg_name} is float64; the Pallas kernels take float32, bfloat16 or "
-                    'float16 (use impl="xla" for float64)'
-                )
-    if segment_ids is not None and name not in _SEGMENT_IMPLS:
-        raise NotImplementedError(
-            f"segment_ids are not supported by impl={name!r} yet; use one of {_SEGMENT_IMPLS}"
+    return _resolve_impl(impl)
+
+
+def check_impl_dtype(name: str, q: jax.Array) -> None:
+    """float64 runs on "xla" and "reference" only."""
+    if name in _PALLAS_IMPLS and q.dtype == jnp.float64:
+        raise TypeError(
+            "q, k, v are float64; the Pallas kernels take float32, bfloat16 or float16 "
+            '(use impl="xla" for float64)'
         )
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    slopes: jax.Array,
+    *,
+    initial_state: jax.Array | None,
+    return_final_state: bool,
+    impl: str,
+    block_size: int | None,
+    interpret: bool | None,
+    precision: str,
+    segment_ids: jax.Array | None,
+    layout: str,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """`lightning_attention` on arguments its public entries have checked.
+
+    The one internal entry shared by `lightning_attention`, the varlen op and the
+    sequence-parallel op, so each call checks its arguments once. slopes: float32
+    `[H]`; impl: a resolved name (not "auto").
+    """
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    fn = _IMPLS[name]
-    if segment_ids is not None:
-        fn = functools.partial(fn, segment_ids=segment_ids)
-
     dtype = compute_dtype(q, k, v)
-    batch, heads, _, d = q.shape
-    e = v.shape[-1]
+    dims = dims_of(q, v, layout)
     if initial_state is None:
-        s0 = jax.numpy.zeros_like(q, shape=(batch, heads, d, e), dtype=dtype)
+        s0 = jnp.zeros_like(q, shape=(dims.batch, dims.heads, dims.d, dims.e), dtype=dtype)
     else:
         s0 = initial_state.astype(dtype)
-    o, state = fn(q, k, v, slopes, s0, block_size, interpret, precision)
-    state = state.astype(jax.numpy.float32)
+    o, state = _IMPLS[impl](
+        q, k, v, slopes, s0, block_size, interpret, precision, segment_ids, layout
+    )
+    state = state.astype(jnp.float32)
     return (o, state) if return_final_state else o

@@ -53,9 +53,10 @@ from lightning_jax.nn import (
 MIXERS = ("lightning", "softmax")
 
 
-def _positive_int(name: str, value: Any) -> None:
+def check_positive_field(config: str, name: str, value: Any) -> None:
+    """A config field that must be a positive int: a ValueError naming `config.name`."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"TransNormerConfig.{name} must be a positive int, got {value!r}")
+        raise ValueError(f"{config}.{name} must be a positive int, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,10 +123,10 @@ class TransNormerConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "embed_dim", "num_heads", "max_seq_len"):
-            _positive_int(name, getattr(self, name))
+            check_positive_field("TransNormerConfig", name, getattr(self, name))
         for name in ("head_dim", "mlp_dim"):
             if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
+                check_positive_field("TransNormerConfig", name, getattr(self, name))
         self._check_schedule()
         if self.head_dim is None and self.embed_dim % self.num_heads:
             raise ValueError(

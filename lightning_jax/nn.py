@@ -137,24 +137,26 @@ def simple_rms_norm(x: jax.Array, epsilon: float = 1e-6, dtype: Dtype | None = N
 
 
 def split_qkvu(qkvu: jax.Array, num_heads: int, head_dim: int):
-    """`[B, T, 4*H*d]` -> q, k (SiLU applied), v `[B, H, T, d]` and the gate u `[B, T, H*d]`.
+    """`[B, T, 4*H*d]` -> q, k (SiLU applied), v `[B, T, H, d]` and the gate u `[B, T, H*d]`.
 
     The fused projection's columns are [q | k | v | u], each head-major
-    (`(h d)`), as in TransNormerLLM's `qkvu_proj(x).chunk(4, -1)`.
+    (`(h d)`), as in TransNormerLLM's `qkvu_proj(x).chunk(4, -1)`. The heads
+    stay in the projection's `[B, T, H, d]` layout (a free reshape): the op
+    takes it as layout="bthd", so no transpose surrounds the kernel.
     """
     batch, seq, _ = qkvu.shape
     q, k, v, u = jnp.split(qkvu, 4, axis=-1)
 
     def heads(t):
-        return t.reshape(batch, seq, num_heads, head_dim).transpose(0, 2, 1, 3)
+        return t.reshape(batch, seq, num_heads, head_dim)
 
     return heads(jax.nn.silu(q)), heads(jax.nn.silu(k)), heads(v), u
 
 
 def merge_heads(o: jax.Array) -> jax.Array:
-    """`[B, H, T, d]` -> `[B, T, H*d]`."""
-    batch, heads, seq, dim = o.shape
-    return o.transpose(0, 2, 1, 3).reshape(batch, seq, heads * dim)
+    """`[B, T, H, d]` -> `[B, T, H*d]` (a free reshape)."""
+    batch, seq, heads, dim = o.shape
+    return o.reshape(batch, seq, heads * dim)
 
 
 # --- modules -------------------------------------------------------------------------------
@@ -235,8 +237,9 @@ class LightningAttention(nnx.Module):
     For x `[B, T, D]`:
 
         q, k, v, u = split(x @ W_qkvu)         W_qkvu: [D, 4*H*d], columns [q | k | v | u]
-        q, k = silu(q), silu(k)                 (per head: [B, H, T, d])
-        o = lightning_attention(q, k, v, slopes)   per-layer decay, no softmax, no scale
+        q, k = silu(q), silu(k)                 (per head: [B, T, H, d], a free reshape)
+        o = lightning_attention(q, k, v, slopes, layout="bthd")   per-layer decay,
+                                                no softmax, no scale; no transpose
         y = (SimpleRMSNorm(o over all H*d features) * u) @ W_out      W_out: [H*d, D]
 
     `slopes = layer_slopes(num_heads, layer_idx, num_layers)` are kept as
@@ -388,7 +391,9 @@ class LightningAttention(nnx.Module):
             initial_state = self._cached_state(x.shape[0])
         q, k, v, u = split_qkvu(self.qkvu_proj(x), self.num_heads, self.head_dim)
         slopes = self.slopes[...]
-        op_kwargs = dict(impl=self.impl, block_size=self.block_size, interpret=self.interpret)
+        op_kwargs = dict(
+            impl=self.impl, block_size=self.block_size, interpret=self.interpret, layout="bthd"
+        )
         if segment_ids is not None:
             op_kwargs["segment_ids"] = segment_ids
         if decode:
@@ -461,6 +466,35 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     )
     run_start = lax.cummax(jnp.where(starts, t, 0), axis=1)
     return t - run_start
+
+
+def check_kv_cache(
+    owner: str, cached_key, cache_index, batch: int, seq: int, length_name: str = ""
+) -> None:
+    """Checks a softmax layer's KV cache for `seq` new tokens of a batch of `batch` rows.
+
+    cached_key: the `[B, max_length, ...]` cache (None before `init_cache`);
+    cache_index: how many tokens it holds. length_name: where the cache length
+    comes from, for the message (e.g. "config.max_cache_len").
+    """
+    if cached_key is None:
+        raise ValueError(
+            f"{owner}: decode=True needs a cache; call init_cache(batch_size, max_length) first"
+        )
+    cached_batch, max_length = cached_key.shape[:2]
+    if cached_batch != batch:
+        raise ValueError(
+            f"{owner}: the cache was made for batch size {cached_batch}, but the input has "
+            f"batch size {batch}"
+        )
+    index = cache_index[...]
+    # Only checkable outside jit; under jit dynamic_update_slice would clamp.
+    if not isinstance(index, jax.core.Tracer) and int(index) + seq > max_length:
+        where = f" ({length_name})" if length_name else ""
+        raise ValueError(
+            f"{owner}: {int(index)} cached + {seq} new tokens exceed the cache length "
+            f"{max_length}{where}"
+        )
 
 
 class SoftmaxAttention(nnx.Module):
@@ -597,21 +631,4 @@ class SoftmaxAttention(nnx.Module):
         return self.out_proj(o.reshape(batch, seq, self.num_heads * self.head_dim))
 
     def _check_cache(self, batch: int, seq: int) -> None:
-        if self.cached_key is None:
-            raise ValueError(
-                "SoftmaxAttention: decode=True needs a cache; call init_cache(batch_size, "
-                "max_length) first"
-            )
-        cached_batch, max_length = self.cached_key.shape[:2]
-        if cached_batch != batch:
-            raise ValueError(
-                f"SoftmaxAttention: the cache was made for batch size {cached_batch}, but the "
-                f"input has batch size {batch}"
-            )
-        index = self.cache_index[...]
-        # Only checkable outside jit; under jit dynamic_update_slice would clamp.
-        if not isinstance(index, jax.core.Tracer) and int(index) + seq > max_length:
-            raise ValueError(
-                f"SoftmaxAttention: {int(index)} cached + {seq} new tokens exceed the cache "
-                f"length {max_length}"
-            )
+        check_kv_cache("SoftmaxAttention", self.cached_key, self.cache_index, batch, seq)

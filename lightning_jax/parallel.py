@@ -36,7 +36,7 @@ log2(P) + 2 states per device per pass. "all_gather": one all-gather of the P
 local states, then a weighted sum on each device: one collective, P states per
 device. On 8 host devices the ppermute scan was faster (fwd+bwd 5.4 vs 7.2 ms
 with the combine dominating, seq 128; equal at P = 2) and moves fewer bytes
-from P = 8 on; `experiments/bench_sp.py` measures both.
+from P = 8 on; `benchmarks/bench_sp.py` measures both.
 """
 
 from __future__ import annotations
@@ -52,11 +52,18 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lightning_jax._checks import check_inputs, check_segment_ids, compute_dtype, segment_counts
+from lightning_jax._checks import (
+    check_inputs,
+    check_segment_ids,
+    compute_dtype,
+    dims_of,
+    layout_hint,
+    segment_counts,
+)
 from lightning_jax._vma import axis_names as _axis_names
 from lightning_jax._vma import to_varying as _to_varying
 from lightning_jax._vma import varying_axes as _varying_axes
-from lightning_jax.api import _resolve_impl, lightning_attention
+from lightning_jax.api import attention, check_impl_dtype, check_options
 
 HIGHEST = lax.Precision.HIGHEST
 COMBINES = ("ppermute", "all_gather")
@@ -134,6 +141,23 @@ class _Config(NamedTuple):
     block_size: int | None
     combine: str
     interpret: bool | None  # Pallas kernels: run them in the interpreter (None: on CPU)
+    layout: str  # "bhtd" ([B, H, m, D] shards) or "bthd" ([B, m, H, D])
+
+
+# The correction einsums of each layout: rows' decayed q times the incoming state (o),
+# its transpose (the state's gradient a) and dq's share.
+_O = {"bhtd": "bhtd,bhde->bhte", "bthd": "bthd,bhde->bthe"}
+_A = {"bhtd": "bhtd,bhte->bhde", "bthd": "bthd,bthe->bhde"}
+_DQ = {"bhtd": "bhte,bhde->bhtd", "bthd": "bthe,bhde->bthd"}
+
+
+def _seq_axis(layout: str) -> int:
+    return 1 if layout == "bthd" else 2
+
+
+def _rows_factor(w: jax.Array, layout: str) -> jax.Array:
+    """A per-row factor [B or 1, H, m] shaped to multiply q in the layout."""
+    return (jnp.swapaxes(w, 1, 2) if layout == "bthd" else w)[..., None]
 
 
 def _decay(slopes: jax.Array, exponent) -> jax.Array:
@@ -256,12 +280,12 @@ def _local_op(slopes, cfg: _Config, segment_ids=None):
         # An explicit zero state typed like q (varying over the mesh axes q varies
         # over): a zero state built inside the op would be typed as replicated while
         # the implementation's VJP returns its gradient as varying.
-        batch, heads, _, d = q.shape
-        zeros = jnp.zeros((batch, heads, d, v.shape[-1]), compute_dtype(q, k, v))
+        batch, heads, _, d, e = dims_of(q, v, cfg.layout)
+        zeros = jnp.zeros((batch, heads, d, e), compute_dtype(q, k, v))
         varying = _varying_axes(q)
         if varying:
             zeros = _to_varying(zeros, tuple(sorted(varying, key=str)))
-        return lightning_attention(
+        return attention(
             q,
             k,
             v,
@@ -271,7 +295,9 @@ def _local_op(slopes, cfg: _Config, segment_ids=None):
             impl=cfg.impl,
             block_size=cfg.block_size,
             interpret=cfg.interpret,
-            **({} if segment_ids is None else {"segment_ids": segment_ids}),
+            precision="default",
+            segment_ids=segment_ids,
+            layout=cfg.layout,
         )
 
     return op
@@ -279,7 +305,7 @@ def _local_op(slopes, cfg: _Config, segment_ids=None):
 
 def _sp_forward(q, k, v, slopes, s0, cfg: _Config, with_vjp: bool):
     dtype = compute_dtype(q, k, v)
-    m = q.shape[2]
+    m = q.shape[_seq_axis(cfg.layout)]
     s = slopes.astype(dtype)
     if with_vjp:
         (o_loc, s_loc), local_vjp = jax.vjp(_local_op(slopes, cfg), q, k, v)
@@ -288,8 +314,8 @@ def _sp_forward(q, k, v, slopes, s0, cfg: _Config, with_vjp: bool):
         local_vjp = None
     s0c = None if s0 is None else s0.astype(dtype)
     s_in, final = _combine_forward(s_loc.astype(dtype), s0c, s, m, cfg)
-    q_dec = q.astype(dtype) * _q_decay(s, m)[None, :, :, None]
-    correction = jnp.einsum("bhtd,bhde->bhte", q_dec, s_in, precision=HIGHEST)
+    q_dec = q.astype(dtype) * _rows_factor(_q_decay(s, m)[None], cfg.layout)
+    correction = jnp.einsum(_O[cfg.layout], q_dec, s_in, precision=HIGHEST)
     o = (o_loc.astype(dtype) + correction).astype(q.dtype)
     return (o, final.astype(jnp.float32)), (local_vjp, q, slopes, s_in)
 
@@ -309,15 +335,15 @@ def _sp_bwd(cfg: _Config, res, cotangents):
     local_vjp, q, slopes, s_in, s0_like = res
     do, d_final = cotangents
     dtype = s_in.dtype
-    m = q.shape[2]
+    m = q.shape[_seq_axis(cfg.layout)]
     s = slopes.astype(dtype)
-    q_dec = _q_decay(s, m)[None, :, :, None]
+    q_dec = _rows_factor(_q_decay(s, m)[None], cfg.layout)
     do_c = do.astype(dtype)
     # dL/d S_in(p) from this device's own rows.
-    a = jnp.einsum("bhtd,bhte->bhde", q.astype(dtype) * q_dec, do_c, precision=HIGHEST)
+    a = jnp.einsum(_A[cfg.layout], q.astype(dtype) * q_dec, do_c, precision=HIGHEST)
     d_out, d_s0 = _combine_backward(a, d_final.astype(dtype), s, m, s0_like is not None, cfg)
     dq, dk, dv = local_vjp((do, d_out.astype(jnp.float32)))
-    dq_corr = jnp.einsum("bhte,bhde->bhtd", do_c, s_in, precision=HIGHEST) * q_dec
+    dq_corr = jnp.einsum(_DQ[cfg.layout], do_c, s_in, precision=HIGHEST) * q_dec
     dq = (dq.astype(dtype) + dq_corr).astype(q.dtype)
     if d_s0 is not None:
         d_s0 = d_s0.astype(s0_like.dtype)
@@ -339,7 +365,7 @@ def _sp_segmented(q, k, v, slopes, s0, segment_ids, cfg: _Config):
     """
     dtype = compute_dtype(q, k, v)
     n, axis = cfg.devices, cfg.axis_name
-    m = q.shape[2]
+    m = q.shape[_seq_axis(cfg.layout)]
     p = lax.axis_index(axis)
     s = slopes.astype(dtype)
     o_loc, s_loc = _local_op(slopes, cfg, segment_ids)(q, k, v)
@@ -364,24 +390,33 @@ def _sp_segmented(q, k, v, slopes, s0, segment_ids, cfg: _Config):
         s_in = s_in + jnp.where(p == 0, s0c, 0)
     s_in = jnp.where(continues[:, None, None, None], s_in, 0)
     first_run = (counts == 0).astype(dtype)  # [B, m]: rows the incoming state reaches
-    q_dec = q.astype(dtype) * (_q_decay(s, m)[None] * first_run[:, None, :])[..., None]
-    correction = jnp.einsum("bhtd,bhde->bhte", q_dec, s_in, precision=HIGHEST)
+    q_dec = q.astype(dtype) * _rows_factor(_q_decay(s, m)[None] * first_run[:, None, :], cfg.layout)
+    correction = jnp.einsum(_O[cfg.layout], q_dec, s_in, precision=HIGHEST)
     o = (o_loc.astype(dtype) + correction).astype(q.dtype)
     return o, _from_device(x, axis, p, n - 1).astype(jnp.float32)
 
 
-def _check_options(return_final_state, block_size, impl, combine, interpret) -> str:
-    if not isinstance(return_final_state, bool):
-        raise TypeError(f"return_final_state must be a bool, got {return_final_state!r}")
-    if block_size is not None and (
-        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
-    ):
-        raise ValueError(f"block_size must be None or a positive int, got {block_size!r}")
-    if combine not in COMBINES:
-        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
-    if interpret is not None and not isinstance(interpret, bool):
-        raise TypeError(f"interpret must be None or a bool, got {interpret!r}")
-    return _resolve_impl(impl)
+def _check_call(q, k, v, slopes, initial_state, segment_ids, options: dict, layout: str):
+    """The sequence-parallel ops' checks, once at their public entry.
+
+    Returns (slopes as float32 `[H]`, the resolved impl name).
+    """
+    slopes = check_inputs(q, k, v, slopes, initial_state, layout)
+    name = check_options(
+        options["impl"], options["return_final_state"], options["block_size"],
+        options["interpret"],
+    )  # fmt: skip
+    check_impl_dtype(name, q)
+    if options["combine"] not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {options['combine']!r}")
+    if segment_ids is not None:
+        dims = dims_of(q, v, layout)
+        check_segment_ids(
+            segment_ids, dims.batch, dims.seq, hint=lambda n: layout_hint(layout, q, n, "seq")
+        )
+        if options["combine"] != "ppermute":
+            raise NotImplementedError('segment_ids need combine="ppermute" (all_gather: not yet)')
+    return slopes, name
 
 
 def lightning_attention_sp(
@@ -398,6 +433,7 @@ def lightning_attention_sp(
     combine: str = "ppermute",
     interpret: bool | None = None,
     segment_ids: jax.Array | None = None,
+    layout: str = "bhtd",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Sequence-parallel Lightning Attention, called inside `jax.shard_map`.
 
@@ -438,9 +474,11 @@ def lightning_attention_sp(
         the id changes, as in `lightning_attention`. A run that crosses a
         device boundary carries its state across; one that starts on a device
         does not receive the incoming state. ppermute combine only.
+      layout: "bhtd" (shards `[B, H, m, D]`, the sequence on axis 2) or "bthd"
+        (`[B, m, H, D]`, the sequence on axis 1), as in `lightning_attention`.
 
     Returns:
-      o `[B, H, m, E]` (this device's rows) in q's dtype; with
+      o `[B, H, m, E]` (`[B, m, H, E]` in "bthd"; this device's rows) in q's dtype; with
       `return_final_state=True`, `(o, final_state)`.
 
     Raises:
@@ -450,33 +488,43 @@ def lightning_attention_sp(
         slopes.
       TypeError: a non-floating dtype.
     """
-    slopes = check_inputs(q, k, v, slopes, initial_state)
-    name = _check_options(return_final_state, block_size, impl, combine, interpret)
+    options = dict(
+        impl=impl, return_final_state=return_final_state, block_size=block_size,
+        interpret=interpret, combine=combine,
+    )  # fmt: skip
+    slopes, name = _check_call(q, k, v, slopes, initial_state, segment_ids, options, layout)
+    return _sp_checked(
+        q, k, v, slopes, axis_name=axis_name, initial_state=initial_state,
+        segment_ids=segment_ids, layout=layout, **(options | {"impl": name}),
+    )  # fmt: skip
+
+
+def _sp_checked(
+    q, k, v, slopes, *, axis_name, initial_state, return_final_state, impl, block_size,
+    combine, interpret, segment_ids, layout,
+):  # fmt: skip
+    """`lightning_attention_sp` on checked arguments (slopes `[H]` float32, impl resolved)."""
     devices, typed = _check_axis(axis_name)
     _check_replicated("initial_state", initial_state, axis_name)
     _check_replicated("slopes", slopes, axis_name)
-    seg_kwargs = {}
-    if segment_ids is not None:
-        check_segment_ids(segment_ids, q.shape[0], q.shape[2])
-        if combine != "ppermute":
-            raise NotImplementedError('segment_ids need combine="ppermute" (all_gather: not yet)')
-        seg_kwargs["segment_ids"] = segment_ids
     if devices == 1 and not typed:  # nothing to combine
-        return lightning_attention(
+        return attention(
             q,
             k,
             v,
             slopes,
             initial_state=initial_state,
             return_final_state=return_final_state,
-            impl=name,
+            impl=impl,
             block_size=block_size,
             interpret=interpret,
-            **seg_kwargs,
+            precision="default",
+            segment_ids=segment_ids,
+            layout=layout,
         )
     if typed:
         q, k, v = (_to_varying(x, axis_name) for x in (q, k, v))
-    cfg = _Config(axis_name, devices, typed, name, block_size, combine, interpret)
+    cfg = _Config(axis_name, devices, typed, impl, block_size, combine, interpret, layout)
     if segment_ids is not None:
         if typed:
             segment_ids = _to_varying(segment_ids, axis_name)
@@ -539,6 +587,7 @@ def lightning_attention_sharded(
     combine: str = "ppermute",
     interpret: bool | None = None,
     segment_ids: jax.Array | None = None,
+    layout: str = "bhtd",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Sequence-parallel Lightning Attention on global arrays over a `Mesh`.
 
@@ -568,6 +617,8 @@ def lightning_attention_sharded(
         `lightning_attention`.
       segment_ids: optional int `[B, T]` ids of packed sequences (the state
         resets where the id changes); sharded like q. ppermute combine only.
+      layout: "bhtd" (`[B, H, T, D]`) or "bthd" (`[B, T, H, D]`), as in
+        `lightning_attention`; the sequence axis is sharded in either.
 
     Returns:
       o `[B, H, T, E]` in q's dtype (sharded like q), or `(o, final_state)`.
@@ -580,22 +631,25 @@ def lightning_attention_sharded(
     """
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    slopes = check_inputs(q, k, v, slopes, initial_state)
-    _check_options(return_final_state, block_size, impl, combine, interpret)
-    if segment_ids is not None:
-        check_segment_ids(segment_ids, q.shape[0], q.shape[2])
+    options = dict(
+        impl=impl, return_final_state=True, block_size=block_size, interpret=interpret,
+        combine=combine,
+    )  # fmt: skip
+    if not isinstance(return_final_state, bool):
+        raise TypeError(f"return_final_state must be a bool, got {return_final_state!r}")
+    slopes, name = _check_call(q, k, v, slopes, initial_state, segment_ids, options, layout)
     seq_names = _mesh_axes(mesh, "seq_axis", seq_axis)
     batch_names = () if batch_axis is None else _mesh_axes(mesh, "batch_axis", batch_axis)
     if set(seq_names) & set(batch_names):
         raise ValueError(
             f"seq_axis {seq_axis!r} and batch_axis {batch_axis!r} must not share mesh axes"
         )
-    batch, _, seq, _ = q.shape
+    batch, _, seq, _, _ = dims_of(q, v, layout)
     n_seq = math.prod(mesh.shape[a] for a in seq_names)
     if seq % n_seq:
         raise ValueError(
-            f"seq (= {seq}, axis 2 of q, k, v) must be divisible by the number of devices on "
-            f"seq_axis {seq_axis!r} (= {n_seq})"
+            f"seq (= {seq}, axis {_seq_axis(layout)} of q, k, v) must be divisible by the "
+            f"number of devices on seq_axis {seq_axis!r} (= {n_seq})"
         )
     n_batch = math.prod(mesh.shape[a] for a in batch_names)
     if batch % n_batch:
@@ -604,26 +658,21 @@ def lightning_attention_sharded(
             f"on batch_axis {batch_axis!r} (= {n_batch})"
         )
 
-    x_spec = P(batch_axis, None, seq_axis, None)
+    x_spec = (
+        P(batch_axis, seq_axis, None, None)
+        if layout == "bthd"
+        else P(batch_axis, None, seq_axis, None)
+    )
     state_spec = P(batch_axis, None, None, None)
     has_s0 = initial_state is not None
     has_ids = segment_ids is not None
 
     def body(q, k, v, slopes, *rest):
-        return lightning_attention_sp(
-            q,
-            k,
-            v,
-            slopes,
-            axis_name=seq_axis,
-            initial_state=rest[0] if has_s0 else None,
-            return_final_state=True,
-            impl=impl,
-            block_size=block_size,
-            combine=combine,
-            interpret=interpret,
-            segment_ids=rest[-1] if has_ids else None,
-        )
+        return _sp_checked(
+            q, k, v, slopes, axis_name=seq_axis, initial_state=rest[0] if has_s0 else None,
+            segment_ids=rest[-1] if has_ids else None, layout=layout,
+            **(options | {"impl": name}),
+        )  # fmt: skip
 
     in_specs = (
         (x_spec, x_spec, x_spec, P(None))

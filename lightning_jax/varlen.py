@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lightning_jax._checks import check_inputs, compute_dtype
-from lightning_jax.api import lightning_attention
+from lightning_jax._checks import check_inputs, compute_dtype, dims_of
+from lightning_jax.api import attention, check_impl_dtype, check_options
 from lightning_jax.xla import MATMUL_PRECISION
 
 
@@ -31,7 +31,9 @@ def _check_cu_seqlens(cu_seqlens, total: int) -> np.ndarray:
     if np.any(np.diff(cu) <= 0):
         raise ValueError(f"cu_seqlens must be strictly increasing (no empty sequence), got {cu}")
     if cu[-1] != total:
-        raise ValueError(f"cu_seqlens must end at total = q.shape[2] = {total}, got {cu[-1]}")
+        raise ValueError(
+            f"cu_seqlens must end at total (the packed length of q) = {total}, got {cu[-1]}"
+        )
     return cu
 
 
@@ -48,6 +50,7 @@ def lightning_attention_varlen(
     block_size: int | None = None,
     interpret: bool | None = None,
     precision: str = "default",
+    layout: str = "bhtd",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """`lightning_attention` on n sequences packed into one row, one state per sequence.
 
@@ -63,9 +66,10 @@ def lightning_attention_varlen(
     pass over q, k, v. Differentiable in q, k, v and initial_states.
 
     Args:
-      q: `[1, H, total, D]` packed queries.
-      k: `[1, H, total, D]` packed keys.
-      v: `[1, H, total, E]` packed values.
+      q: `[1, H, total, D]` packed queries (`[1, total, H, D]` with
+        layout="bthd").
+      k: packed keys, the shape of q.
+      v: `[1, H, total, E]` packed values (`[1, total, H, E]`).
       slopes: as in `lightning_attention` (None, a scalar or `[H]`).
       cu_seqlens: `[n + 1]` integer offsets, 0 = cu_seqlens[0] < ... <
         cu_seqlens[n] = total. Concrete values (numpy, or a concrete jax array):
@@ -75,10 +79,10 @@ def lightning_attention_varlen(
         (zeros if None).
       return_final_states: also return the `[n, H, D, E]` float32 states after
         each sequence.
-      impl, block_size, interpret, precision: as in `lightning_attention`.
+      impl, block_size, interpret, precision, layout: as in `lightning_attention`.
 
     Returns:
-      o `[1, H, total, E]` in q's dtype, or `(o, final_states)`.
+      o `[1, H, total, E]` (`[1, total, H, E]`) in q's dtype, or `(o, final_states)`.
 
     Raises:
       ValueError: q not of batch 1, cu_seqlens not of shape [n + 1], not
@@ -86,14 +90,13 @@ def lightning_attention_varlen(
         initial_states not `[n, H, D, E]`, or any error of `lightning_attention`.
       TypeError: cu_seqlens traced or not integer, or as `lightning_attention`.
     """
-    slopes = check_inputs(q, k, v, slopes, None)
+    slopes = check_inputs(q, k, v, slopes, None, layout)
     if q.shape[0] != 1:
         raise ValueError(
-            f"q, k, v must be packed as [1, heads, total, dim], got batch {q.shape[0]} "
-            f"(q {tuple(q.shape)})"
+            f"q, k, v must be packed with batch 1 ([1, heads, total, dim], or [1, total, heads, "
+            f"dim] with layout='bthd'), got batch {q.shape[0]} (q {tuple(q.shape)})"
         )
-    _, heads, total, d = q.shape
-    e = v.shape[-1]
+    _, heads, total, d, e = dims_of(q, v, layout)
     cu = _check_cu_seqlens(cu_seqlens, total)
     n = cu.shape[0] - 1
     if initial_states is not None:
@@ -108,41 +111,55 @@ def lightning_attention_varlen(
             )
     if not isinstance(return_final_states, bool):
         raise TypeError(f"return_final_states must be a bool, got {return_final_states!r}")
+    name = check_options(impl, False, block_size, interpret, precision)
+    check_impl_dtype(name, q)
 
     lengths = np.diff(cu)
     segment_ids = jnp.asarray(np.repeat(np.arange(n, dtype=np.int32), lengths)[None])
-    o = lightning_attention(
+    o = attention(
         q,
         k,
         v,
         slopes,
-        impl=impl,
+        initial_state=None,
+        return_final_state=False,
+        impl=name,
         block_size=block_size,
         interpret=interpret,
         precision=precision,
         segment_ids=segment_ids,
+        layout=layout,
     )
     if initial_states is None and not return_final_states:
         return o
 
     dtype = compute_dtype(q, k, v)
     mm = MATMUL_PRECISION[precision]
+
+    def rows(x: jax.Array, i: int) -> jax.Array:
+        """Sequence i of packed x: [H, L_i, width] in either layout."""
+        if layout == "bthd":
+            return jnp.swapaxes(x[0, cu[i] : cu[i + 1]], 0, 1)
+        return x[0, :, cu[i] : cu[i + 1]]
+
     exact = lax.Precision.HIGHEST  # float32 states: never rounded to a fast matmul
     s = lax.stop_gradient(slopes).astype(dtype)[:, None]  # [H, 1]
     if initial_states is not None:
         states0 = initial_states.astype(dtype)
         corrections = []
         for i in range(n):
-            rows = jnp.arange(1, lengths[i] + 1, dtype=dtype)
-            q_i = q[0, :, cu[i] : cu[i + 1]].astype(dtype) * jnp.exp(-s * rows)[..., None]
+            decay = jnp.exp(-s * jnp.arange(1, lengths[i] + 1, dtype=dtype))  # [H, L]
+            q_i = rows(q, i).astype(dtype) * decay[..., None]
             corrections.append(jnp.einsum("htd,hde->hte", q_i, states0[i], precision=exact))
-        o = (o.astype(dtype) + jnp.concatenate(corrections, axis=1)[None]).astype(q.dtype)
+        correction = jnp.concatenate(corrections, axis=1)[None]  # [1, H, total, e]
+        if layout == "bthd":
+            correction = jnp.swapaxes(correction, 1, 2)
+        o = (o.astype(dtype) + correction).astype(q.dtype)
     if not return_final_states:
         return o
     finals = []
     for i in range(n):
-        k_i = k[0, :, cu[i] : cu[i + 1]]
-        v_i = v[0, :, cu[i] : cu[i + 1]]
+        k_i, v_i = rows(k, i), rows(v, i)
         k_decay = jnp.exp(-s * jnp.arange(lengths[i] - 1, -1, -1, dtype=dtype))  # [H, L]
         k_i = (k_i.astype(dtype) * k_decay[..., None]).astype(k_i.dtype)
         state = jnp.einsum(

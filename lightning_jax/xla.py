@@ -209,16 +209,28 @@ def _plan(seq: int, block: int, chunk: int, precision: str) -> _Plan:
 
 
 def _read(x: jax.Array, start, rows: int, padded: int, plan: _Plan, dtype) -> jax.Array:
-    """Rows [start, start+rows) of x [G, T, d], zero-padded to `padded` rows: [G, nb, block, d]."""
+    """Rows [start, start+rows) of x, zero-padded to `padded` rows: [G, nb, block, d].
+
+    x: [G, T, d], or [B, T, H, d] (layout "bthd"): then the chunk's rows are
+    moved head-major (G = b*H + h, as the flattened layout) in the copy that
+    reads them, so the whole input is never transposed.
+    """
     x = lax.dynamic_slice_in_dim(x, start, rows, axis=1).astype(dtype)
+    if x.ndim == 4:
+        x = jnp.swapaxes(x, 1, 2).reshape(-1, rows, x.shape[-1])
     if padded > rows:
         x = jnp.pad(x, ((0, 0), (0, padded - rows), (0, 0)))
     return x.reshape(x.shape[0], padded // plan.block, plan.block, x.shape[-1])
 
 
 def _write(buf: jax.Array, start, rows: int, blocked: jax.Array) -> jax.Array:
-    """Writes the first `rows` rows of blocked [G, nb, block, d] into buf [G, T, d] at start."""
+    """Writes the first `rows` rows of blocked [G, nb, block, d] into buf at row `start`.
+
+    buf: [G, T, d], or [B, T, H, d] (layout "bthd", see `_read`).
+    """
     x = blocked.reshape(blocked.shape[0], -1, blocked.shape[-1])[:, :rows].astype(buf.dtype)
+    if buf.ndim == 4:
+        x = jnp.swapaxes(x.reshape(buf.shape[0], buf.shape[2], rows, x.shape[-1]), 1, 2)
     return lax.dynamic_update_slice_in_dim(buf, x, start, axis=1)
 
 
@@ -319,7 +331,7 @@ def _lightning_bwd(block, chunk, precision, res, cotangents):
 _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "chunk_size", "precision"))
+@functools.partial(jax.jit, static_argnames=("block_size", "chunk_size", "precision", "layout"))
 def lightning_attention_xla(
     q: jax.Array,
     k: jax.Array,
@@ -331,11 +343,13 @@ def lightning_attention_xla(
     chunk_size: int | None = None,
     precision: str = "default",
     segment_ids: jax.Array | None = None,
+    layout: str = "bhtd",
 ) -> tuple[jax.Array, jax.Array]:
     """Chunked XLA path on checked inputs; returns (o, final_state).
 
     Args:
-      q, k: `[B, H, T, D]`; v: `[B, H, T, E]`; slopes: float32 `[H]`;
+      q, k: `[B, H, T, D]` (`[B, T, H, D]` with layout="bthd"); v: `[B, H, T, E]`
+      (`[B, T, H, E]`); slopes: float32 `[H]`;
       initial_state: `[B, H, D, E]` in the compute dtype (float32, or float64).
       block_size: rows per block of the masked intra-block product.
       chunk_size: rows per scan step (rounded down to a multiple of the block).
@@ -343,10 +357,16 @@ def lightning_attention_xla(
         inputs (float32 states are always combined exactly).
       segment_ids: optional int `[B, T]`; the state resets where the id changes
         (see `lightning_attention`). None keeps the unsegmented code path.
+      layout: "bhtd" or "bthd". In "bthd" each scan step reads its chunk's rows
+        of every head and moves them head-major in the same copy (and the
+        reverse for o and the gradients): no pass over the whole arrays.
     """
     block = DEFAULT_BLOCK if block_size is None else block_size
     chunk = DEFAULT_CHUNK if chunk_size is None else chunk_size
-    batch, heads, seq, d = q.shape
+    if layout == "bthd":
+        batch, seq, heads, d = q.shape
+    else:
+        batch, heads, seq, d = q.shape
     e = v.shape[-1]
     groups = batch * heads
     # Inside shard_map(check_vma=True), a replicated initial state (or slopes) beside a
@@ -358,10 +378,12 @@ def lightning_attention_xla(
         counts = jnp.repeat(segment_counts(segment_ids), heads, axis=0)  # [G, T]
     # Flatten (batch, head) into one leading axis G so that every contraction is a
     # plain batched matmul with no transposes (per-G decay tables are tiny).
+    if layout == "bhtd":
+        q, k, v = q.reshape(groups, seq, d), k.reshape(groups, seq, d), v.reshape(groups, seq, e)
     o, state = _lightning(
-        q.reshape(groups, seq, d),
-        k.reshape(groups, seq, d),
-        v.reshape(groups, seq, e),
+        q,
+        k,
+        v,
         jnp.tile(lax.stop_gradient(slopes), batch),
         initial_state.reshape(groups, d, e),
         counts,
@@ -369,4 +391,6 @@ def lightning_attention_xla(
         chunk,
         precision,
     )
-    return o.reshape(batch, heads, seq, e), state.reshape(batch, heads, d, e)
+    if layout == "bhtd":
+        o = o.reshape(batch, heads, seq, e)
+    return o, state.reshape(batch, heads, d, e)

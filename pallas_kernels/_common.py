@@ -32,7 +32,8 @@ def next_power_of_2(x: int) -> int:
 
 
 class Padded(NamedTuple):
-    """Flattened, padded operands: q, k [G, N, Dp], v [G, N, Ep], state [G, Dp, Ep]."""
+    """Padded operands: q, k [G, N, Dp] (or [B, N, H, Dp]), v [G, N, Ep] (or [B, N, H, Ep]),
+    state [G, Dp, Ep]."""
 
     q: jax.Array
     k: jax.Array
@@ -41,27 +42,46 @@ class Padded(NamedTuple):
     state: jax.Array  # float32
 
 
-def flatten_and_pad(q, k, v, slopes, initial_state, seq_to: int, d_to: int, e_to: int) -> Padded:
-    """[B, H, n, *] -> [B*H, seq_to, *_to] with zeros; slopes [H] -> [B*H]."""
-    batch, heads = q.shape[:2]
+def flatten_and_pad(
+    q, k, v, slopes, initial_state, seq_to: int, d_to: int, e_to: int, layout: str = "bhtd"
+) -> Padded:
+    """Zero-pads seq to `seq_to` and the widths to `d_to`, `e_to`; slopes [H] -> [B*H].
+
+    layout "bhtd": [B, H, n, *] -> [B*H, seq_to, *_to] (a free reshape, plus the
+    pad if any). "bthd": [B, n, H, *] -> [B, seq_to, H, *_to], kept in its layout
+    (no copy at all when nothing needs padding).
+    """
+    if layout == "bthd":
+        batch, _, heads, _ = q.shape
+    else:
+        batch, heads = q.shape[:2]
     groups = batch * heads
 
-    def pad(x, rows, cols):
-        x = x.reshape(groups, x.shape[2], x.shape[3])
+    def pad(x, rows, cols):  # x: [G-like, rows, cols] after a free reshape
+        x = x.reshape(groups, x.shape[-2], x.shape[-1])
         return jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, cols - x.shape[2])))
 
+    def pad_rows(x, cols):
+        if layout == "bhtd":
+            return pad(x, seq_to, cols)
+        widths = ((0, 0), (0, seq_to - x.shape[1]), (0, 0), (0, cols - x.shape[3]))
+        return jnp.pad(x, widths) if any(w for _, w in widths) else x
+
     return Padded(
-        q=pad(q, seq_to, d_to),
-        k=pad(k, seq_to, d_to),
-        v=pad(v, seq_to, e_to),
+        q=pad_rows(q, d_to),
+        k=pad_rows(k, d_to),
+        v=pad_rows(v, e_to),
         slopes=jnp.tile(slopes.astype(jnp.float32), batch),
         state=pad(initial_state.astype(jnp.float32), d_to, e_to),
     )
 
 
 def unpad(o, state, batch: int, heads: int, n: int, d: int, e: int):
-    """[G, N, Ep], [G, Dp, Ep] -> [B, H, n, e], [B, H, d, e]."""
-    o = o[:, :n, :e].reshape(batch, heads, n, e)
+    """o [G, N, Ep] -> [B, H, n, e] ([B, N, H, Ep] -> [B, n, H, e]); state -> [B, H, d, e]."""
+    if o.ndim == 4:
+        o = o[:, :n, :, :e]
+    else:
+        o = o[:, :n, :e].reshape(batch, heads, n, e)
     state = state[:, :d, :e].reshape(batch, heads, d, e)
     return o, state
 

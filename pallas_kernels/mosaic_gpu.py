@@ -50,7 +50,6 @@ Without segment ids the kernels have no table and compile as before.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import NamedTuple
 
@@ -61,123 +60,31 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import mosaic_gpu_f32
 from pallas_kernels._common import flatten_and_pad, kernel_op, round_up, segment_tables, unpad
+from pallas_kernels._mosaic_gpu_common import (  # noqa: F401 (re-exported: tests, tools)
+    SEGMENT_ROWS,
+    SMEM_BUDGET,
+    SWIZZLE_BYTES,
+    TILE,
+    cut_at_runs,
+    decay_mask,
+    interpret_params,
+    layout_iota,
+    recording_races,
+    reset_interpreter,
+    run_counts,
+    smem_tile,
+    transpose,
+)
 
 DEFAULT_BLOCK = 64  # rows per block: wgmma's M granularity
-TILE = 64  # columns of Z (and of the state) per program
 DIM_ALIGN = 64  # d and e are zero-padded to a multiple of this (exact)
 MAX_DIM = 256  # wgmma N <= 256 and the state tile's registers
-SWIZZLE_BYTES = 128
 STATE_ROWS = 64  # rows of the state updated per wgmma
 DEFAULT_NUM_SMS = 132  # H100 SXM and H200
 MIN_SPLIT_BLOCKS = 8  # blocks per sequence split, at least
-SMEM_BUDGET = 200 * 1024  # of Hopper's 227 KB per block, leaving room for alignment
 MAX_SEQ = 1 << 24  # sequence lengths travel as float32 (exact below 2^24)
-SEGMENT_ROWS = 2  # rows of the segment table per block: run counts, and the counts before
-
-
-def _interpreter():
-    """Mosaic GPU's CPU interpreter (private in jax 0.10.2): (InterpretGPUParams, its module).
-
-    Every use of the private API goes through here.
-
-    Raises:
-      ImportError: naming the modules, when jax moved or removed them.
-    """
-    try:
-        from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
-        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-    except ImportError as err:  # pragma: no cover - depends on the installed jax
-        raise ImportError(
-            "impl='mosaic_gpu' with interpret=True needs Mosaic GPU's interpreter "
-            "(jax._src.pallas.mosaic_gpu.interpret.params.InterpretGPUParams and "
-            "jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call, private modules of "
-            f"jax 0.10.2); this jax ({jax.__version__}) does not have them"
-        ) from err
-    return InterpretGPUParams, interpret_pallas_call
-
-
-def interpret_params():
-    """`InterpretGPUParams` with the race detector on."""
-    params_cls, _ = _interpreter()
-    return params_cls(detect_races=True)
-
-
-@contextlib.contextmanager
-def recording_races():
-    """Collects the race-detection state of every kernel the interpreter runs meanwhile.
-
-    The interpreter keeps only the latest kernel's state (it starts a new one per
-    kernel), so checking `get_races()` after an op with several kernels would miss
-    races in all but the last. Yields a list that fills with those states; a
-    state's `races_found` is True when its kernel raced.
-    """
-    _, module = _interpreter()
-    callbacks = module.gpu_callbacks
-    base = callbacks.RaceDetectionState
-    states = []
-
-    class Recorded(base):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            states.append(self)
-
-    callbacks.RaceDetectionState = Recorded
-    try:
-        yield states
-    finally:
-        callbacks.RaceDetectionState = base
-
-
-def reset_interpreter() -> None:
-    """Clears the interpreter's state (and its race record); needed after a kernel raised."""
-    _, module = _interpreter()
-    module.reset_gpu_interpret_mode_state()
-
-
-def smem_tile(shape, dtype):
-    """A shared-memory tile in the tiled, 128-byte-swizzled layout wgmma and TMA expect."""
-    elems = SWIZZLE_BYTES // jnp.dtype(dtype).itemsize
-    transforms = (plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(SWIZZLE_BYTES))
-    return plgpu.SMEM(shape, dtype, transforms=transforms)
-
-
-# Register layouts of a [block] vector that broadcasts along dim 0 (one value per row of a
-# WGMMA tile) or dim 1 (one per column).
-ROW_LAYOUTS = {0: plgpu.Layout.WGMMA.reduce(1), 1: plgpu.Layout.WGMMA.reduce(0)}
-
-
-def layout_iota(shape, dim: int, *, interpret: bool, layout=plgpu.Layout.WGMMA):
-    """An int32 iota in registers, in `layout` (WGMMA's) when compiled."""
-    x = lax.broadcasted_iota(jnp.int32, shape, dim)
-    # The compiler needs the register layout of an iota; the interpreter has no
-    # layout_cast rule (jax 0.10.2), and needs none.
-    return x if interpret else plgpu.layout_cast(x, layout)
-
-
-def run_counts(ref, dim: int, shape=None, *, interpret: bool):
-    """A [block] row of run counts (or other values) in shared memory, broadcast along
-    `dim` of `shape`: dim 0 gives each row its own value, dim 1 each column its own
-    (shape None: the [block] vector, laid out to broadcast so)."""
-    # The compiler needs the register layout of the row (WGMMA's rows or columns, so
-    # that it broadcasts into WGMMA tiles); the interpreter needs none.
-    counts = ref[...] if interpret else plgpu.load(ref, (), layout=ROW_LAYOUTS[dim])
-    return counts if shape is None else lax.broadcast_in_dim(counts, shape, [dim])
-
-
-def decay_mask(slope, block: int, reverse: bool, *, interpret: bool):
-    """[block, block] float32: M[i, j] = lambda^(i-j) for i >= j, else 0 (reverse: M^T)."""
-    r = layout_iota((block, block), 0, interpret=interpret)
-    q = layout_iota((block, block), 1, interpret=interpret)
-    gap = (q - r) if reverse else (r - q)
-    return jnp.where(gap >= 0, jnp.exp(-slope * jnp.maximum(gap, 0).astype(jnp.float32)), 0.0)
-
-
-def cut_at_runs(mask, counts_ref, *, interpret: bool):
-    """`mask` [block, block] with pairs of rows from different runs (unequal run counts,
-    `counts_ref` a [block] row in shared memory) zeroed: rows interact only within a run."""
-    rows, cols = (run_counts(counts_ref, dim, mask.shape, interpret=interpret) for dim in (0, 1))
-    return jnp.where(rows == cols, mask, 0.0)
 
 
 def _buffer_slots(
@@ -395,8 +302,6 @@ def _sweep(params, x, y, z, state0, *, block, reverse, interpret, seg=None, exac
     exact: float32 products to about float32 accuracy (3-pass TF32) instead of TF32.
     """
     if z.dtype == jnp.float32:  # TF32 wgmma needs other operand layouts
-        from pallas_kernels import mosaic_gpu_f32
-
         return mosaic_gpu_f32.sweep(
             params, x, y, z, state0, block=block, reverse=reverse, interpret=interpret, seg=seg,
             split=exact,
@@ -534,11 +439,6 @@ def _split(x: jax.Array, tiling: Tiling) -> jax.Array:
     return x.reshape(groups * tiling.splits, rows // tiling.splits, cols)
 
 
-def transpose(x: jax.Array) -> jax.Array:
-    """[G, a, b] -> [G, b, a]."""
-    return jnp.swapaxes(x, 1, 2)
-
-
 def _entering_states(
     params, y, z, boundary, slopes, tiling, seq_len, interpret, reverse, segments=None, exact=False
 ):
@@ -637,7 +537,9 @@ _LIGHTNING = {
 }
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "interpret", "precision", "seq_splits"))
+@functools.partial(
+    jax.jit, static_argnames=("block_size", "interpret", "precision", "seq_splits", "layout")
+)
 def lightning_attention_mosaic_gpu(
     q: jax.Array,
     k: jax.Array,
@@ -650,6 +552,7 @@ def lightning_attention_mosaic_gpu(
     precision: str = "default",
     seq_splits: int | None = None,
     segment_ids: jax.Array | None = None,
+    layout: str = "bhtd",
 ) -> tuple[jax.Array, jax.Array]:
     """Pallas/Mosaic GPU Lightning Attention-2 on checked inputs; returns (o, final_state).
 
@@ -675,14 +578,24 @@ def lightning_attention_mosaic_gpu(
         `lightning_attention`); each block cuts its decays at run boundaries, and a
         sequence split holding one does not pass the state through. None: the
         unsegmented kernels (no segment table, the same code as without the argument).
+      layout: "bhtd", or "bthd" (`[B, T, H, D]`): transposed to "bhtd" around the
+        kernels (their TMA copies take one head's contiguous `[64, D]` tiles; a
+        strided per-head TMA over `[B, T, H, D]` is not built yet).
 
     Returns:
-      o `[B, H, T, E]` in q's dtype and the final state `[B, H, D, E]` float32.
+      o in q's layout and dtype, and the final state `[B, H, D, E]` float32.
 
     Raises:
       ValueError: D or E above 256, T >= 2^24, block_size above 64, an unknown
         precision, seq_splits < 1.
     """
+    if layout == "bthd":
+        o, state = lightning_attention_mosaic_gpu(
+            *(jnp.swapaxes(x, 1, 2) for x in (q, k, v)), slopes, initial_state,
+            block_size=block_size, interpret=interpret, precision=precision,
+            seq_splits=seq_splits, segment_ids=segment_ids,
+        )  # fmt: skip
+        return jnp.swapaxes(o, 1, 2), state
     batch, heads, n, d = q.shape
     e = v.shape[-1]
     if precision not in PRECISIONS:

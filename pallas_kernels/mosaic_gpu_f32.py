@@ -46,7 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import mosaic_gpu as mgpu
+from pallas_kernels import _mosaic_gpu_common as mgpu
 
 CHUNK = 32  # columns of the width per wgmma: one 128-byte swizzle row of float32
 F32 = 4  # bytes

@@ -59,6 +59,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels._common import kernel_op, pallas_call, round_up, segment_tables
 
 SUBLANES = 8
+LANES = 128
 PRECISIONS = ("default", "highest")
 
 
@@ -97,6 +98,7 @@ class _Tiling:
     heads: int
     precision: lax.Precision
     interpret: bool
+    layout: str = "bhtd"  # q, k, v, o [B, H, T, *], or "bthd": [B, T, H, *], read in place
 
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
@@ -349,12 +351,23 @@ def _params(interpret: bool) -> pltpu.CompilerParams:
 
 
 def _row_spec(tiling: _Tiling, num_blocks: int, cols: int, reverse: bool = False):
-    """Rows of grid block c (or nb-1-c) of one (batch, head): [block_rows, cols]."""
+    """Rows of grid block c (or nb-1-c) of one (batch, head): [block_rows, cols].
+
+    In layout "bthd" the operand is [B, T, H*cols] (a free reshape of
+    [B, T, H, cols]) and the block is head h's `cols` lanes of its rows: the DMA
+    reads them in place. Mosaic needs such a lane block to be a multiple of 128
+    wide (the wrapper transposes narrower heads).
+    """
     heads = tiling.heads
 
     def index_map(g, c):
-        return (lax.div(g, heads), lax.rem(g, heads), num_blocks - 1 - c if reverse else c, 0)
+        block = num_blocks - 1 - c if reverse else c
+        if tiling.layout == "bthd":
+            return (lax.div(g, heads), block, lax.rem(g, heads))
+        return (lax.div(g, heads), lax.rem(g, heads), block, 0)
 
+    if tiling.layout == "bthd":
+        return pl.BlockSpec((None, tiling.block_rows, cols), index_map)
     return pl.BlockSpec((None, None, tiling.block_rows, cols), index_map)
 
 
@@ -438,9 +451,19 @@ def cost_estimate(
     )
 
 
+def _rows_of(q: jax.Array, tiling: _Tiling) -> int:
+    """The (padded) sequence length of q: [B, H, T, D] or, in "bthd", [B, T, H*D]."""
+    return q.shape[1] if tiling.layout == "bthd" else q.shape[2]
+
+
+def _width(x: jax.Array, tiling: _Tiling) -> int:
+    """One head's width (d or e) of an operand in the tiling's layout."""
+    return x.shape[-1] // tiling.heads if tiling.layout == "bthd" else x.shape[-1]
+
+
 def _forward(q, k, v, slopes, s0, tiling: _Tiling, seq_len: int, interpret, segments=None):
-    batch, heads, rows, d = q.shape
-    e = v.shape[-1]
+    batch, heads, rows = q.shape[0], tiling.heads, _rows_of(q, tiling)
+    d, e = _width(q, tiling), _width(v, tiling)
     nb = rows // tiling.block_rows
     static = dict(
         tiling=tiling, seq_len=seq_len, ragged=rows != seq_len, segmented=segments is not None
@@ -458,7 +481,7 @@ def _forward(q, k, v, slopes, s0, tiling: _Tiling, seq_len: int, interpret, segm
         ],
         out_specs=[_row_spec(tiling, nb, e), _state_spec(tiling, d, e)],
         out_shape=[
-            jax.ShapeDtypeStruct((batch, heads, rows, e), q.dtype),
+            jax.ShapeDtypeStruct(v.shape, q.dtype),
             jax.ShapeDtypeStruct((batch, heads, d, e), jnp.float32),
         ],
         scratch_shapes=_scratch(tiling, d, e),
@@ -474,8 +497,8 @@ def _forward(q, k, v, slopes, s0, tiling: _Tiling, seq_len: int, interpret, segm
 def _backward(
     q, k, v, slopes, s0, do, dstate, tiling: _Tiling, seq_len: int, interpret, segments=None
 ):
-    batch, heads, rows, d = q.shape
-    e = v.shape[-1]
+    batch, heads, rows = q.shape[0], tiling.heads, _rows_of(q, tiling)
+    d, e = _width(q, tiling), _width(v, tiling)
     nb = rows // tiling.block_rows
     groups, itemsize = batch * heads, q.dtype.itemsize
     static = dict(
@@ -569,7 +592,9 @@ def choose_block_sizes(
     return BlockSizes(block_rows=block_rows, sub_rows=sub), round_up(seq_len, block_rows)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "interpret", "precision", "block_sizes"))
+@functools.partial(
+    jax.jit, static_argnames=("block_size", "interpret", "precision", "block_sizes", "layout")
+)
 def lightning_attention_mosaic_tpu(
     q: jax.Array,
     k: jax.Array,
@@ -582,11 +607,13 @@ def lightning_attention_mosaic_tpu(
     precision: str = "default",
     block_sizes: BlockSizes | None = None,
     segment_ids: jax.Array | None = None,
+    layout: str = "bhtd",
 ) -> tuple[jax.Array, jax.Array]:
     """Pallas/Mosaic TPU Lightning Attention-2 on checked inputs; returns (o, final_state).
 
     Args:
-      q, k: `[B, H, T, D]`; v: `[B, H, T, E]` (float32, bfloat16 or float16).
+      q, k: `[B, H, T, D]`; v: `[B, H, T, E]` (float32, bfloat16 or float16);
+        `[B, T, H, D]`, `[B, T, H, E]` with layout="bthd".
       slopes: float32 `[H]`.
       initial_state: `[B, H, D, E]`, used in float32.
       block_size: rows per compute sub-block (the tiling of docs/design.md section 2),
@@ -598,13 +625,30 @@ def lightning_attention_mosaic_tpu(
         dtype, `DEFAULT_BLOCK_SIZES`); `block_size` overrides its sub_rows.
       segment_ids: optional int `[B, T]`: the state resets where the id changes
         (see `lightning_attention`); T below 2^24. None: the unsegmented kernels.
+      layout: "bhtd" or "bthd". In "bthd" with D and E multiples of 128, each
+        grid step's DMA reads one head's lanes of `[B, T, H*D]` (a free reshape)
+        in place and o is written back the same way: no transpose around the
+        kernels. Narrower heads (Mosaic's lane blocks are 128 wide) are
+        transposed to "bhtd" around the kernels.
 
     Returns:
-      o `[B, H, T, E]` in q's dtype and the final state `[B, H, D, E]` float32.
+      o in q's layout and dtype, and the final state `[B, H, D, E]` float32.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    batch, heads, n, _ = q.shape
+    if layout == "bthd":
+        batch, n, heads, d = q.shape
+        e = v.shape[-1]
+        if heads > 1 and (d % LANES or e % LANES):
+            o, state = lightning_attention_mosaic_tpu(
+                *(jnp.swapaxes(x, 1, 2) for x in (q, k, v)), slopes, initial_state,
+                block_size=block_size, interpret=interpret, precision=precision,
+                block_sizes=block_sizes, segment_ids=segment_ids,
+            )  # fmt: skip
+            return jnp.swapaxes(o, 1, 2), state
+        q, k, v = (x.reshape(batch, n, -1) for x in (q, k, v))
+    else:
+        batch, heads, n, _ = q.shape
     dtype = q.dtype
     sizes, padded_n = choose_block_sizes(n, dtype, block_size, block_sizes)
     tiling = _Tiling(
@@ -613,10 +657,12 @@ def lightning_attention_mosaic_tpu(
         heads=heads,
         precision=lax.Precision.HIGHEST if precision == "highest" else lax.Precision.DEFAULT,
         interpret=bool(interpret),
+        layout=layout,
     )
-    k, v = k.astype(dtype), v.astype(dtype)
+    seq_axis = 1 if layout == "bthd" else 2
     if padded_n != n:  # zeros at the end: exact (the kernels decay by true lengths)
-        pad = ((0, 0), (0, 0), (0, padded_n - n), (0, 0))
+        pad = [(0, 0)] * q.ndim
+        pad[seq_axis] = (0, padded_n - n)
         q, k, v = jnp.pad(q, pad), jnp.pad(k, pad), jnp.pad(v, pad)
     interpret_params = pltpu.InterpretParams() if interpret else False
     operands = (q, k, v, slopes.astype(jnp.float32), initial_state.astype(jnp.float32))
@@ -628,5 +674,7 @@ def lightning_attention_mosaic_tpu(
         row = counts[:, None, :].astype(jnp.float32)
         o, state = _lightning_segmented(*operands, (columns, row), tiling, n, interpret_params)
     if padded_n != n:
-        o = o[:, :, :n]
+        o = lax.slice_in_dim(o, 0, n, axis=seq_axis)
+    if layout == "bthd":
+        o = o.reshape(batch, n, heads, -1)
     return o, state

@@ -59,7 +59,7 @@ def _state_tile(width: int, other: int) -> int:
 
     A [other, 64] float32 tile plus [block, other] operands fits the register
     file up to other = 128; at 256 the forward and dV kernels spill, less with
-    the tile halved (measured with experiments/compile_report.py for H200).
+    the tile halved (measured with tools/compile_report.py for H200).
     """
     return min(width, TILE if other <= 128 else TILE // 2)
 
@@ -160,7 +160,7 @@ def _forward_kernel(
     decay is computed where it is used (the key and state cuts after o is
     written). Computed first, as in `body`, the cut decays stayed live across
     the matmuls and the kernel spilled (160 B at d = e = 128 bf16 on H200,
-    experiments/compile_report.py --segments); so ordered, it does not, at the
+    tools/compile_report.py --segments); so ordered, it does not, at the
     same state tile as the unsegmented kernel. `body` is unchanged.
     """
     seg_refs, (o_ref, state_ref) = _split_refs(refs, segmented)
@@ -264,7 +264,7 @@ def _dv_kernel(
     step is `segmented_body`, ordered like the segmented forward (each cut decay
     where it is used): with `_decays_of` first it used 255 registers at
     d = e = 128 bf16 on H200 and spilled 384 B at d = 256; so ordered, 226
-    registers and 40 B (experiments/compile_report.py --segments).
+    registers and 40 B (tools/compile_report.py --segments).
     """
     seg_refs, (dv_ref,) = _split_refs(refs, segmented)
     slope = slopes_ref[0]
@@ -314,15 +314,38 @@ def _compiler_params(width: int, dtype) -> plgpu.CompilerParams:
     Two stages (the next block's tiles loaded while this one computes) double the
     shared memory of the loaded tiles: at width 256 in float32 the dQ/dK/dV
     kernels asked for 244 KiB, over the 227 KiB of an H100/H200 block
-    (experiments/compile_report.py).
+    (tools/compile_report.py).
     """
     stages = 1 if width > 128 and jnp.dtype(dtype).itemsize == 4 else 2
     return plgpu.CompilerParams(num_warps=4 if width <= 64 else 8, num_stages=stages)
 
 
-def _rows_spec(rows: int, cols: int, tile: bool = False) -> pl.BlockSpec:
-    """All rows of one (batch, head); the columns whole, or the program's tile."""
-    return pl.BlockSpec((None, rows, cols), lambda g, t: (g, 0, t if tile else 0))
+def _rows_spec(
+    rows: int, cols: int, width: int, heads: int | None, tile: bool = False
+) -> pl.BlockSpec:
+    """All rows of one (batch, head) g; its `width` columns whole, or the program's tile t.
+
+    heads None: the array is [G, N, width]. Else it is [B, N, H*width] (layout
+    "bthd", a free reshape of [B, N, H, width]) and the block is head g % H's
+    columns of batch row g // H, read and written in place (no transpose).
+    """
+    if heads is None:
+        return pl.BlockSpec((None, rows, cols), lambda g, t: (g, 0, t if tile else 0))
+    per_head = width // cols
+    return pl.BlockSpec(
+        (None, rows, cols),
+        lambda g, t: (g // heads, 0, (g % heads) * per_head + (t if tile else 0)),
+    )
+
+
+def _flat(x: jax.Array) -> jax.Array:
+    """[B, N, H, W] (layout "bthd") -> [B, N, H*W], a free reshape; [G, N, W] unchanged."""
+    return x.reshape(*x.shape[:2], -1) if x.ndim == 4 else x
+
+
+def _heads(x: jax.Array) -> int | None:
+    """H of a [B, N, H, W] operand ("bthd"), None for [G, N, W]."""
+    return x.shape[2] if x.ndim == 4 else None
 
 
 def _state_spec(rows: int, cols: int, row_tile: bool) -> pl.BlockSpec:
@@ -365,32 +388,35 @@ def _cost(
 
 
 def _forward(q, k, v, slopes, s0, block, seq_len, interpret, precision, segments=None):
-    groups, rows, d = q.shape
+    """q, k [G, N, Dp], v [G, N, Ep]; or [B, N, H, Dp], [B, N, H, Ep] (layout "bthd")."""
+    groups, rows, d = slopes.shape[0], q.shape[1], q.shape[-1]
     e = v.shape[-1]
+    rows_spec = functools.partial(_rows_spec, heads=_heads(q))
     te = _state_tile(e, d)
     programs = groups * (e // te)
     static = {"block": block, "seq_len": seq_len, "precision": precision}
-    return pallas_call(
+    o, state = pallas_call(
         functools.partial(_forward_kernel, **static, segmented=segments is not None),
         grid=(groups, e // te),
         in_specs=[
             _slope_spec(),
-            _rows_spec(rows, d),
-            _rows_spec(rows, d),
-            _rows_spec(rows, te, tile=True),
+            rows_spec(rows, d, d),
+            rows_spec(rows, d, d),
+            rows_spec(rows, te, e, tile=True),
             _state_spec(d, te, row_tile=False),
             *_segment_specs(segments, rows),
         ],
-        out_specs=[_rows_spec(rows, te, tile=True), _state_spec(d, te, row_tile=False)],
+        out_specs=[rows_spec(rows, te, e, tile=True), _state_spec(d, te, row_tile=False)],
         out_shape=[
-            jax.ShapeDtypeStruct((groups, rows, e), q.dtype),
+            jax.ShapeDtypeStruct(_flat(v).shape, q.dtype),
             jax.ShapeDtypeStruct((groups, d, e), jnp.float32),
         ],
         compiler_params=_compiler_params(max(d, te), q.dtype),
         interpret=interpret,
         cost_estimate=_cost(programs, rows, block, d, te, 2 * d + 2 * te, q.dtype.itemsize),
         name="lightning_forward",
-    )(slopes, q, k, v, s0, *(segments or ()))
+    )(slopes, _flat(q), _flat(k), _flat(v), s0, *(segments or ()))
+    return o.reshape(v.shape), state
 
 
 def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precision, segments=None):
@@ -398,10 +424,13 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precis
 
     dQ and dK are tiled over d (their d-tile needs only the same d-tile of KV /
     dKV rows), dV over e (its e-tile needs only dKV's e-tile columns), so no
-    kernel writes partial sums for XLA to add.
+    kernel writes partial sums for XLA to add. Operands as in `_forward`.
     """
-    groups, rows, d = q.shape
+    groups, rows, d = slopes.shape[0], q.shape[1], q.shape[-1]
     e = v.shape[-1]
+    rows_spec = functools.partial(_rows_spec, heads=_heads(q))
+    shapes = (q.shape, k.shape, v.shape)
+    q, k, v, do = (_flat(x) for x in (q, k, v, do))
     # dQ and dK keep their d-tile at 64 even for e = 256: halving it spilled more.
     td, te = min(d, TILE), _state_tile(e, d)
     itemsize = q.dtype.itemsize
@@ -418,13 +447,13 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precis
         grid=(groups, d // td),
         in_specs=[
             _slope_spec(),
-            _rows_spec(rows, td, tile=True),
-            _rows_spec(rows, e),
-            _rows_spec(rows, e),
+            rows_spec(rows, td, d, tile=True),
+            rows_spec(rows, e, e),
+            rows_spec(rows, e, e),
             _state_spec(td, e, row_tile=True),
             *seg_specs,
         ],
-        out_specs=_rows_spec(rows, td, tile=True),
+        out_specs=rows_spec(rows, td, d, tile=True),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=_compiler_params(max(td, e), q.dtype),
         interpret=interpret,
@@ -436,13 +465,13 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precis
         grid=(groups, d // td),
         in_specs=[
             _slope_spec(),
-            _rows_spec(rows, td, tile=True),
-            _rows_spec(rows, e),
-            _rows_spec(rows, e),
+            rows_spec(rows, td, d, tile=True),
+            rows_spec(rows, e, e),
+            rows_spec(rows, e, e),
             _state_spec(td, e, row_tile=True),
             *seg_specs,
         ],
-        out_specs=[_rows_spec(rows, td, tile=True), _state_spec(td, e, row_tile=True)],
+        out_specs=[rows_spec(rows, td, d, tile=True), _state_spec(td, e, row_tile=True)],
         out_shape=[
             jax.ShapeDtypeStruct(k.shape, k.dtype),
             jax.ShapeDtypeStruct(s0.shape, jnp.float32),
@@ -457,19 +486,20 @@ def _backward(q, k, v, slopes, s0, do, dstate, block, seq_len, interpret, precis
         grid=(groups, e // te),
         in_specs=[
             _slope_spec(),
-            _rows_spec(rows, d),
-            _rows_spec(rows, d),
-            _rows_spec(rows, te, tile=True),
+            rows_spec(rows, d, d),
+            rows_spec(rows, d, d),
+            rows_spec(rows, te, e, tile=True),
             _state_spec(d, te, row_tile=False),
             *seg_specs,
         ],
-        out_specs=_rows_spec(rows, te, tile=True),
+        out_specs=rows_spec(rows, te, e, tile=True),
         out_shape=jax.ShapeDtypeStruct(v.shape, v.dtype),
         compiler_params=_compiler_params(max(d, te), q.dtype),
         interpret=interpret,
         cost_estimate=_cost(e_programs, rows, block, d, te, 2 * d + 2 * te, itemsize),
         name="lightning_dv",
     )(slopes, q, k, do, dstate, *seg_args)
+    dq, dk, dv = (g.reshape(shape) for g, shape in zip((dq, dk, dv), shapes))
     return dq, dk, dv, ds0
 
 
@@ -491,7 +521,7 @@ def _padded_dim(x: int) -> int:
     return max(MIN_DIM, next_power_of_2(x))
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "interpret", "precision"))
+@functools.partial(jax.jit, static_argnames=("block_size", "interpret", "precision", "layout"))
 def lightning_attention_triton(
     q: jax.Array,
     k: jax.Array,
@@ -503,11 +533,13 @@ def lightning_attention_triton(
     interpret: bool = False,
     precision: str = "default",
     segment_ids: jax.Array | None = None,
+    layout: str = "bhtd",
 ) -> tuple[jax.Array, jax.Array]:
     """Pallas/Triton Lightning Attention-2 on checked inputs; returns (o, final_state).
 
     Args:
-      q, k: `[B, H, T, D]`; v: `[B, H, T, E]` (float32, bfloat16 or float16).
+      q, k: `[B, H, T, D]`; v: `[B, H, T, E]` (float32, bfloat16 or float16);
+        `[B, T, H, D]` and `[B, T, H, E]` with layout="bthd".
       slopes: float32 `[H]`.
       initial_state: `[B, H, D, E]`, used in float32.
       block_size: rows per block, a power of two >= 16 (default 64; smaller
@@ -518,11 +550,18 @@ def lightning_attention_triton(
       segment_ids: optional int `[B, T]`: the state resets where the id changes
         (every decay spanning a run boundary is zeroed per block; see
         `lightning_attention`). None: the unsegmented kernels.
+      layout: "bhtd" or "bthd". In "bthd" the kernels address each head's
+        columns of `[B, T, H*D]` (a free reshape) in place: no transpose, and no
+        copy at all when T is a multiple of the block and D, E are powers of
+        two >= 16 (otherwise the zero padding is one copy, as in "bhtd").
 
     Returns:
-      o `[B, H, T, E]` in q's dtype and the final state `[B, H, D, E]` float32.
+      o in q's layout and dtype, and the final state `[B, H, D, E]` float32.
     """
-    batch, heads, n, d = q.shape
+    if layout == "bthd":
+        batch, n, heads, d = q.shape
+    else:
+        batch, heads, n, d = q.shape
     e = v.shape[-1]
     block = block_size or min(DEFAULT_BLOCK, max(MIN_DIM, next_power_of_2(n)))
     if block < MIN_DIM or block & (block - 1):
@@ -532,7 +571,7 @@ def lightning_attention_triton(
     dtype = q.dtype
     k, v = k.astype(dtype), v.astype(dtype)
     padded = flatten_and_pad(
-        q, k, v, slopes, initial_state, round_up(n, block), _padded_dim(d), _padded_dim(e)
+        q, k, v, slopes, initial_state, round_up(n, block), _padded_dim(d), _padded_dim(e), layout
     )
     if segment_ids is None:
         o, state = _LIGHTNING[precision, False](*padded, block, n, interpret)

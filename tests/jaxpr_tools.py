@@ -25,3 +25,16 @@ def dot_precisions(jaxpr) -> list:
         for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             found += dot_precisions(sub)
     return found
+
+
+def primitives_outside(jaxpr, name_part: str) -> list[str]:
+    """Names of the primitives in a jaxpr, nested ones included, except inside the
+    jitted calls (pjit) whose name contains `name_part` (e.g. the op's own body)."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("pjit", "jit") and name_part in str(eqn.params.get("name")):
+            continue
+        found.append(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += primitives_outside(sub, name_part)
+    return found

@@ -4,7 +4,7 @@ Each implementation subclasses `LightningOpTestBase` and sets `impl` (and, if
 needed, `op_kwargs`), so a new kernel gets the whole suite by adding one class.
 Every check compares against the pure-jnp references in `lightning_jax.reference`:
 the numbers of each implementation against the float64 reference, with tolerances
-derived by `experiments/derive_tolerances.py` (tests/tolerances.json).
+derived by `tools/derive_tolerances.py` (tests/tolerances.json).
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ F32_TOL = 1e-5
 # Each implementation's outputs, final state and gradients are compared with a float64
 # reference (`reference.naive_attention`, or `recurrent_attention` beyond
 # NAIVE_MAX_SEQ, under x64), one tolerance per impl, input dtype, case and quantity,
-# read from tests/tolerances.json. `python experiments/derive_tolerances.py` writes
+# read from tests/tolerances.json. `python tools/derive_tolerances.py` writes
 # that file: the worst error it measures for that case (the tests' seed and extra
 # seeds), times a documented factor. Per case, because the baselines differ by orders
 # of magnitude between cases (a float32 state is exact to 1e-7 without decay, but the
@@ -222,7 +222,8 @@ def case_errors(op_stateful, case: tuple, dtype, seed: int) -> dict[str, float]:
 def _tolerance_file() -> dict:
     if not TOLERANCES_PATH.exists():
         raise FileNotFoundError(
-            f"{TOLERANCES_PATH} is missing: run python experiments/derive_tolerances.py"
+            f"{TOLERANCES_PATH} is missing: run python tools/derive_tolerances.py "
+            "--out=tests/tolerances.json"
         )
     return json.loads(TOLERANCES_PATH.read_text())
 
@@ -238,8 +239,8 @@ def tolerances(impl: str, dtype, case: tuple) -> dict[str, float]:
     if found is None:
         raise KeyError(
             f"no derived tolerances for impl={impl!r}, dtype={name}, case {case_id(case)} in "
-            f"{TOLERANCES_PATH}: derive them with python experiments/derive_tolerances.py "
-            f"--impls={impl} --dtypes={name}"
+            f"{TOLERANCES_PATH}: derive them with python tools/derive_tolerances.py "
+            f"--impls={impl} --dtypes={name} --out=tests/tolerances.json"
         )
     return found
 
@@ -295,6 +296,43 @@ class LightningOpTestBase:
     @pytest.mark.parametrize("case", LOW_PRECISION_CASES, ids=case_id)
     def test_low_precision(self, case, dtype):
         self.check_against_float64(case, dtype, LOW_PRECISION_SEED)
+
+    @pytest.mark.parametrize(
+        "shape", [(2, 2, 40, 16, 24), (1, 2, 32, 128, 128)], ids=["padded", "aligned"]
+    )
+    def test_bthd_layout_matches_reference(self, shape):
+        """layout="bthd": output, state and gradients equal the reference's (bhtd).
+
+        "padded": widths and length that the kernels pad (or transpose); "aligned":
+        power-of-two widths of 128 lanes and a whole number of blocks, which the
+        Triton and Mosaic TPU kernels address in place. With packed runs.
+        """
+        b, h, n, d, e = shape
+        q, k, v, s0, do, ds = make_inputs(3, b, h, n, d, e)
+        slopes = lj.alibi_slopes(h)
+        ids = jnp.asarray(random_runs(3, b, n, max_len=20))
+        if not self.supports_segment_ids:
+            ids = None
+
+        def ours(q, k, v, s0):
+            t = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
+            o, state = self.op(
+                t(q), t(k), t(v), slopes, initial_state=s0, return_final_state=True,
+                segment_ids=ids, layout="bthd",
+            )  # fmt: skip
+            assert o.shape == (b, n, h, e), o.shape
+            return t(o), state
+
+        def ref(q, k, v, s0):
+            return reference.naive_attention(
+                q, k, v, slopes, initial_state=s0, return_final_state=True, segment_ids=ids
+            )
+
+        for name, got, want in zip(("o", "state"), jax.jit(ours)(q, k, v, s0), ref(q, k, v, s0)):
+            assert_close(got, want, F32_TOL, name)
+        grads = jax.jit(functools.partial(loss_and_grads, ours))(q, k, v, s0, do, ds)
+        for name, got, want in zip(QUANTITIES[2:], grads, loss_and_grads(ref, q, k, v, s0, do, ds)):
+            assert_close(got, want, F32_TOL, name)
 
     @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "f16"])
     def test_carried_state_is_float32(self, dtype):
@@ -611,7 +649,7 @@ class LightningOpTestBase:
                 r"initial_states must have shape \[n, heads, d, e\]",
             ),
             (dict(initial_states=jnp.zeros((2, 2, 8, 4))), ValueError, "initial_states must have"),
-            (dict(batch=2), ValueError, r"packed as \[1, heads, total, dim\]"),
+            (dict(batch=2), ValueError, r"packed with batch 1 \(\[1, heads, total, dim\]"),
             (dict(return_final_states=1), TypeError, "return_final_states must be a bool"),
         ],
     )
@@ -740,10 +778,41 @@ class LightningOpTestBase:
                 r"slopes must be None, a scalar or shape \[heads\]",
             ),
             (dict(slopes=jnp.zeros((1, 2))), ValueError, "slopes must be None"),
+            (dict(slopes=jnp.array([True, False])), TypeError, "slopes must be real numbers"),
+            (dict(slopes=True), TypeError, "slopes must be None, a number"),
+            (dict(slopes="0.5"), TypeError, "slopes must be None, a number, a sequence"),
             (
-                dict(slopes=jnp.zeros((2,), jnp.int32)),
+                dict(k=jnp.zeros((1, 2, 10, 8), jnp.bfloat16)),
                 TypeError,
-                "slopes must have a floating dtype",
+                "q, k and v must have the same dtype; got q float32, k bfloat16, v float32",
+            ),
+            (dict(layout="bsd"), ValueError, r"layout must be one of \('bhtd', 'bthd'\)"),
+            (
+                # [B, T, H, D] passed with the default layout: the hint names the other one.
+                dict(
+                    q=jnp.zeros((1, 10, 2, 8)),
+                    k=jnp.zeros((1, 10, 2, 8)),
+                    v=jnp.zeros((1, 10, 2, 8)),
+                    slopes=jnp.ones(2),
+                ),
+                ValueError,
+                r"got shape \(2,\); q \(1, 10, 2, 8\) has 2 heads in layout='bthd'.*"
+                r"pass layout='bthd'",
+            ),  # fmt: skip
+            (
+                dict(
+                    q=jnp.zeros((1, 10, 2, 8)),
+                    k=jnp.zeros((1, 10, 2, 8)),
+                    v=jnp.zeros((1, 10, 2, 8)),
+                    initial_state=jnp.zeros((1, 2, 8, 8)),
+                ),
+                ValueError,
+                "initial_state must have shape.*pass layout='bthd'",
+            ),  # fmt: skip
+            (
+                dict(layout="bthd", segment_ids=jnp.zeros((1, 10), jnp.int32)),
+                ValueError,
+                "segment_ids must have shape.*has 10 seq in layout='bhtd'.*pass layout='bhtd'",
             ),
             (dict(slopes=jnp.array([0.1, -0.2])), ValueError, "slopes must be finite and >= 0"),
             (dict(slopes=-1.0), ValueError, "slopes must be finite and >= 0"),

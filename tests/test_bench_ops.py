@@ -8,6 +8,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import bench_ops
@@ -30,6 +31,43 @@ def test_bench_ops_pieces(tmp_path):
     for path in bench_ops.plot(result, str(tmp_path / "ops")):
         assert (tmp_path / path).stat().st_size > 1000
     assert "| xla | 256 |" in bench_ops.markdown(result)
+
+
+def test_bench_ops_softmax_rows_are_causal_softmax_attention():
+    """impl "softmax": jax.nn.dot_product_attention as JAX users call it ([B, T, H, D],
+    causal), timed up to softmax_max_seq, counted in FLOPs as causal softmax attention;
+    checked against softmax written out in numpy."""
+    result = bench_ops.run(
+        ["softmax"], 1, 2, 16, jnp.float32, [64, 128], 64, 1, 64, kinds=("fwd",),
+        softmax_max_seq=64,
+    )  # fmt: skip
+    (row,) = result["rows"]
+    assert (row["impl"], row["seq"]) == ("softmax", 64) and row["fwd_s"] > 0
+    assert row["fwd_flops"] == bench_ops.softmax_flops(64, 1, 2, 16, 16)
+    fwd, _ = bench_ops._make_fns("softmax", None)
+    q, k, v = np.random.default_rng(0).standard_normal((3, 1, 5, 2, 4)).astype(np.float32)
+    scores = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(4)
+    scores = np.where(np.tril(np.ones((5, 5), bool)), scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    want = np.einsum("bhts,bshd->bthd", p / p.sum(-1, keepdims=True), v)
+    np.testing.assert_allclose(np.asarray(fwd(q, k, v)), want, rtol=1e-5, atol=1e-6)
+
+
+def test_bench_ops_report_compares_softmax_with_each_lightning_impl():
+    def row(impl, seq, seconds):
+        fields = dict.fromkeys(
+            ("fwd_us_per_token", "fwd_bwd_us_per_token", "fwd_gflops", "fwd_roofline",
+             "fwd_bwd_roofline", "fwd_temp_bytes_per_token", "fwd_bwd_temp_bytes_per_token",
+             "fresh_output_us_per_token"), 1.0,
+        )  # fmt: skip
+        return dict(fields, impl=impl, seq=seq, fwd_bwd_s=seconds)
+
+    rows = [row("xla", 1024, 1.0), row("xla", 2048, 2.0), row("softmax", 1024, 3.0)]
+    result = dict(matmul_gflops=1.0, peak_tflops=None, peak_gbps=None, rows=rows)
+    lines = bench_ops.report(result)
+    assert "[xla] fwd+bwd time of softmax / xla by seq: 1024: x3.00; xla faster at seq [1024]" in (
+        lines
+    )
 
 
 def test_bench_ops_forward_only_with_segment_ids():

@@ -2,7 +2,7 @@
 
 Each compile runs the hardware's own compiler (libtpu's Mosaic compiler; XLA's
 GPU compiler with Triton / Mosaic GPU and ptxas) from a target description, in
-a subprocess (experiments/compile_report.py). A kernel that only lowers can
+a subprocess (tools/compile_report.py). A kernel that only lowers can
 still be rejected here: VMEM limits, shared memory, register allocation.
 
 Needs the `[aot]` extra; without it these tests are skipped with the reason.
@@ -104,7 +104,7 @@ def test_compiles(job, rows):
         # Tensor cores for bf16 and for float32 at the default (TF32) precision.
         assert kernel.get("wgmma", 0) + kernel.get("mma", 0) > 0, kernel
         # No spills in bf16 anywhere, nor in Mosaic GPU's float32 (TF32) kernels; Triton's
-        # float32 kernels spill (README, compile facts).
+        # float32 kernels spill (docs/kernels.md, compiling for hardware you don't have).
         if job.dtype == "bfloat16" or job.impl == "mosaic_gpu":
             assert compile_report.spill_bytes(kernel) == 0, kernel
 

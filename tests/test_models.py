@@ -24,7 +24,7 @@ from flax import nnx
 import lightning_jax as lj
 from lightning_jax.generation import _generate
 from lightning_jax.models import TransNormerConfig, TransNormerLM, count_params
-from lightning_jax.nn import LightningAttention
+from lightning_jax.nn import LightningAttention, SoftmaxAttention
 from op_test_base import assert_close, assert_rms_close
 
 VOCAB = 128
@@ -266,6 +266,41 @@ def test_generate_sampling_and_top_k():
     assert int(jnp.max(rank)) >= k
 
 
+class _OwnModel(nnx.Module):
+    """A user's model from the library's layers, nested in a list, no init_cache of its own."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(VOCAB, 32, rngs=rngs)
+        self.blocks = nnx.List(
+            [
+                LightningAttention(32, num_heads=2, impl="xla", rngs=rngs),
+                SoftmaxAttention(32, num_heads=2, rngs=rngs),
+            ]
+        )
+        self.head = nnx.Linear(32, VOCAB, rngs=rngs)
+
+    def __call__(self, toks, decode: bool = False):
+        x = self.embed(toks)
+        for block in self.blocks:
+            x = x + block(x, decode=decode)
+        return self.head(x)
+
+
+def test_init_caches_and_generate_on_a_users_model():
+    model = _OwnModel(nnx.Rngs(3))
+    with pytest.raises(ValueError, match="max_length"):
+        lj.generation.init_caches(model, 2)
+    assert lj.generation.init_caches(model, 2, max_length=16) == 2
+    assert model.blocks[0].state.shape == (2, 2, 16, 16)
+    assert model.blocks[1].cached_key.shape == (2, 16, 2, 16)
+    with pytest.raises(ValueError, match="no cache-bearing layer"):
+        lj.generation.init_caches(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), 2)
+    # No rng: greedy decoding.
+    prompt = tokens(4, 2, 5)
+    out = lj.generate(_OwnModel(nnx.Rngs(3)), prompt, 4)
+    np.testing.assert_array_equal(np.asarray(out), greedy_reference(model, prompt, 4))
+
+
 def test_generate_memory_does_not_grow_with_new_tokens():
     model = TransNormerLM(CFG, rngs=nnx.Rngs(0))
     model.init_cache(2)
@@ -295,8 +330,10 @@ def test_generate_memory_does_not_grow_with_new_tokens():
 def test_generate_errors():
     model = TransNormerLM(CFG, rngs=nnx.Rngs(0))
     prompt = tokens(0, 1, 4)
-    with pytest.raises(ValueError, match="rng"):
-        lj.generate(model, prompt, 3)
+    with pytest.raises(ValueError, match="temperature=0.5 samples, which needs rng"):
+        lj.generate(model, prompt, 3, temperature=0.5)
+    with pytest.raises(ValueError, match="top_k samples, which needs rng"):
+        lj.generate(model, prompt, 3, top_k=2)
     with pytest.raises(ValueError, match="temperature"):
         lj.generate(model, prompt, 3, temperature=-1.0, rng=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="top_k"):

@@ -1,7 +1,7 @@
 """train_lm.py across processes: JAX's distributed runtime, 2 processes x 2 CPU devices.
 
 Each run here is `experiments/train_lm.py` launched as separate OS processes on
-this machine, exactly as on N hosts (README, "Training on several hosts"):
+this machine, exactly as on N hosts (docs/scaling.md, "Training on several hosts"):
 
   JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
     python experiments/train_lm.py <TINY_FLAGS> --seq_parallel=2 \\

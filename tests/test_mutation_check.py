@@ -1,4 +1,4 @@
-"""experiments/mutation_check.py's mutations still target the code they were written for.
+"""tools/mutation_check.py's mutations still target the code they were written for.
 
 Runs no mutation (that is the script's job, 15+ minutes): checks, in this tree, that
 each mutation's source text occurs at its `occurrence` and, where it names one, inside
@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 # In a subprocess: the script defines absl flags on import, some of the same names as
-# other experiments the tests import.
+# other scripts the tests import.
 _WHERE = """
 import json, pathlib, sys
 import mutation_check as m
@@ -40,7 +40,7 @@ print(json.dumps({"rows": rows, "probe": probe}))
 def _where() -> dict:
     out = subprocess.run(
         [sys.executable, "-c", _WHERE],
-        cwd=REPO / "experiments",
+        cwd=REPO / "tools",
         capture_output=True,
         text=True,
         check=True,

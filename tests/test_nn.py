@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import Mesh
 
 import lightning_jax as lj
 from lightning_jax import linen as lj_linen
@@ -266,6 +267,32 @@ def test_linen_matches_nnx_with_copied_weights():
         cache = mutated["cache"]
         outs.append(out)
     assert_close(jnp.concatenate(outs, axis=1), want, F32_TOL, "linen decode vs reference")
+
+
+def test_linen_takes_the_nnx_arguments_and_segment_ids():
+    features, heads = 16, 2
+    m = LightningAttention(features, heads, layer_idx=1, num_layers=3, impl="xla", rngs=nnx.Rngs(6))
+    params = {"params": nnx.to_pure_dict(nnx.state(m, nnx.Param))}
+    x = rand(7, (2, 20, features))
+    ids = jnp.array([[0] * 7 + [1] * 13, [0] * 20], jnp.int32)
+    # The NNX layer's positional order: (in_features, num_heads).
+    lin = lj_linen.LightningAttention(features, heads, layer_idx=1, num_layers=3, impl="xla")
+    assert_close(lin.apply(params, x, segment_ids=ids), m(x, segment_ids=ids), F32_TOL, "segments")
+    with pytest.raises(ValueError, match=r"shape \[batch, seq, 16\]"):
+        lin.apply(params, x[..., :8])
+    with pytest.raises(TypeError, match="num_heads"):
+        lj_linen.LightningAttention(features).init(jax.random.PRNGKey(0), x)
+    # Sequence parallel over a mesh, as the NNX layer's mesh/seq_axis/batch_axis.
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "seq"))
+    sp = lj_linen.LightningAttention(
+        features, heads, layer_idx=1, num_layers=3, impl="xla", mesh=mesh, seq_axis="seq",
+        batch_axis="data",
+    )  # fmt: skip
+    assert_close(sp.apply(params, x), m(x), F32_TOL, "linen sequence-parallel vs nnx")
+    with pytest.raises(ValueError, match="seq_axis"):
+        lj_linen.LightningAttention(features, heads, batch_axis="data").init(
+            jax.random.PRNGKey(0), x
+        )
 
 
 def test_linen_bad_features():

@@ -67,7 +67,7 @@ def test_bad_arguments(call, match):
 
 
 def test_slope_values_are_checked_when_they_exist_not_when_traced():
-    """The README's rule: negative slopes raise unless they are tracers at the call."""
+    """docs/op.md's rule: negative slopes raise unless they are tracers at the call."""
     x = jnp.ones((1, 2, 8, 4))
     neg_np = np.array([-0.1, 0.2], np.float32)
     neg_jax = jnp.asarray(neg_np)  # concrete: made outside any transformation

@@ -1,4 +1,4 @@
-"""experiments/split_state_error.py: the split-state storage emulation, at a small shape."""
+"""tools/split_state_error.py: the split-state storage emulation, at a small shape."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def test_small_run_writes_its_rows(tmp_path):
     own check), float32 storage adds float32 rounding, bf16 storage bf16's."""
     out = tmp_path / "split.json"
     subprocess.run(
-        [sys.executable, "experiments/split_state_error.py", "--seq=2048", "--heads=2",
+        [sys.executable, "tools/split_state_error.py", "--seq=2048", "--heads=2",
          "--dim=16", f"--out={out}"],
         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu"),
         check=True, capture_output=True, timeout=300,

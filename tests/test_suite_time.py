@@ -1,4 +1,4 @@
-"""experiments/suite_time.py: node ids from junit records, and the growth figure."""
+"""tools/suite_time.py: node ids from junit records, and the growth figure."""
 
 from __future__ import annotations
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import Mesh
 
 import bench_tgs
+import lightning_jax as lj
 import lm_data
 import lm_train
 
@@ -46,9 +50,21 @@ def test_training_reduces_the_loss(tmp_path, corpus, mixer):
     assert all(abs(r["eval_bpb"] - r["eval_loss"] / np.log(2)) < 1e-9 for r in logged[1::2])
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path, corpus):
-    straight = lm_train.TrainConfig(**TINY, steps=6, workdir=str(tmp_path / "a"))
-    full = lm_train.train(straight, corpus, verbose=False)
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, corpus):
+    """An uninterrupted TINY run of 6 steps."""
+    workdir = tmp_path_factory.mktemp("straight")
+    straight = lm_train.TrainConfig(**TINY, steps=6, workdir=str(workdir))
+    return straight, lm_train.train(straight, corpus, verbose=False)
+
+
+def _curve(records):
+    """What a resumed run must reproduce: the losses at every logged step (not the speeds)."""
+    return [(r["step"], r["train_loss"], r.get("eval_loss")) for r in records]
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, corpus, straight_run):
+    straight, full = straight_run
     first = dataclasses.replace(straight, steps=3, workdir=str(tmp_path / "b"))
     lm_train.train(first, corpus, verbose=False)
     # As if the first part had logged step 5 and died before its next checkpoint.
@@ -61,6 +77,55 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, corpus):
         np.testing.assert_array_equal(a, b)
     # The log of the resumed run continues the first part's, from its checkpoint (step 3).
     assert [r["step"] for r in resumed["records"]] == [2, 3, 4, 6]
+
+
+def test_a_signal_saves_the_step_and_resume_finishes_the_run(
+    tmp_path, corpus, straight_run, monkeypatch
+):
+    straight, full = straight_run
+    # resume on an empty workdir starts the run there from step 0.
+    cfg = dataclasses.replace(straight, workdir=str(tmp_path), resume=True, plot=True)
+    real_step = lm_train.Trainer.step
+
+    def step(self, data, step):
+        if step == 3:  # Ctrl-C during the 4th step, between two checkpoints (3 and 6)
+            signal.raise_signal(signal.SIGINT)
+        return real_step(self, data, step)
+
+    monkeypatch.setattr(lm_train.Trainer, "step", step)
+    with pytest.raises(lm_train.Interrupted) as stop:
+        lm_train.train(cfg, corpus, verbose=False)
+    assert (stop.value.step, stop.value.signum) == (4, signal.SIGINT)
+    assert lm_train.checkpoint_steps(tmp_path) == [3, 4]
+    assert (tmp_path / "loss.png").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    monkeypatch.undo()
+
+    resumed = lm_train.train(cfg, corpus, verbose=False)
+    for a, b in zip(_params(full["state"]), _params(resumed["state"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert _curve(resumed["records"]) == _curve(full["records"])
+
+    # A finished run: nothing to do, nothing rewritten.
+    (tmp_path / "loss.png").unlink()
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    again = lm_train.train(cfg, corpus, verbose=False)
+    assert again["finished"] and again["state"] is None
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+    assert not (tmp_path / "loss.png").exists()
+
+    # The run restored for use: the final parameters, sampling greedily.
+    run = lm_train.load_run(tmp_path)
+    assert run.step == 6 and run.config.embed_dim == TINY["embed_dim"]
+    restored = [np.asarray(x) for x in jax.tree.leaves(nnx.state(run.model, nnx.Param))]
+    for a, b in zip(_params(full["state"]), restored, strict=True):
+        np.testing.assert_array_equal(a, b)
+    text = lm_train.sample_text(run.model, "def ", 5)
+    tokens = jnp.asarray([list(b"def ")], jnp.int32)
+    expected = lj.generate(run.model, tokens, 5, temperature=0.0)
+    assert text == bytes(np.asarray(expected[0], np.uint8)).decode("utf-8", errors="replace")
+    with pytest.raises(ValueError, match="no checkpoint at step 5"):
+        lm_train.load_run(tmp_path, step=5)
 
 
 def _fake_run(workdir, cfg: lm_train.TrainConfig, checkpoint_steps=(3,)) -> None:
@@ -89,8 +154,11 @@ def test_a_used_workdir_is_refused_without_resume_or_overwrite(tmp_path):
 def test_resume_checks_the_saved_run(tmp_path):
     saved = lm_train.TrainConfig(**TINY, steps=6, workdir=str(tmp_path))
     resume = dataclasses.replace(saved, resume=True)
-    with pytest.raises(lm_train.ConfigError, match="--resume: no checkpoint"):
-        lm_train.check_workdir(resume)
+    lm_train.check_workdir(resume)  # nothing there yet: resume starts from step 0
+    # A run that saved its config but no checkpoint yet: the config is still checked.
+    _fake_run(tmp_path, saved, checkpoint_steps=())
+    with pytest.raises(lm_train.ConfigError, match="seed 0 -> 1"):
+        lm_train.check_workdir(dataclasses.replace(resume, seed=1))
     _fake_run(tmp_path, saved, checkpoint_steps=(3, 6))
     lm_train.check_workdir(resume)
     # Longer, other intervals, another implementation or layout: the same run continued.
@@ -152,6 +220,9 @@ def test_validate_corpus_names_the_flags(corpus):
         lm_train.validate_corpus(lm_train.TrainConfig(**{**TINY, "seq_len": 100_000}), corpus)
     with pytest.raises(lm_train.ConfigError, match="--batch_size=64"):
         lm_train.validate_corpus(lm_train.TrainConfig(**{**TINY, "batch_size": 64}), corpus)
+    cut = lm_train.TrainConfig(**{**TINY, "batch_size": 64, "max_corpus_bytes": 1000})
+    with pytest.raises(lm_train.ConfigError, match="read up to --max_corpus_bytes=1000"):
+        lm_train.validate_corpus(cut, corpus)
 
 
 def test_data_parallel_step_equals_single_device(corpus):

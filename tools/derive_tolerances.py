@@ -14,13 +14,15 @@ Each tolerance is --factor (default 4) times the worst error measured for that
 (the reference returns its final state in float32), rounded up to two
 significant digits. The factor leaves room for other seeds and XLA versions; it
 is small enough that a state rounded to bf16/f16 between blocks (errors 10-1000x
-the baseline, see `experiments/mutation_check.py`) fails.
+the baseline, see `tools/mutation_check.py`) fails.
 
-  python experiments/derive_tolerances.py      # all impls, ~10 min on 2 CPU cores
-  python experiments/derive_tolerances.py --impls=triton --dtypes=bfloat16
+  python tools/derive_tolerances.py      # all impls, ~10 min on 2 CPU cores
+  python tools/derive_tolerances.py --impls=triton --dtypes=bfloat16
 
-Prints a table and writes tests/tolerances.json (entries of impls and dtypes not
-measured in this run are kept). Pallas kernels run in the interpreter on CPU.
+Prints a table and writes runs/tolerances.json: the tests' table (tests/tolerances.json,
+or --out's file where it exists) with the impls and dtypes of this run replaced.
+--out=tests/tolerances.json updates the table the tests read. Pallas kernels run in the
+interpreter on CPU.
 """
 
 from __future__ import annotations
@@ -31,16 +33,23 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from lightning_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list(
     "impls", ["xla", "triton", "mosaic_tpu", "mosaic_gpu"], "Implementations to measure."
 )
 flags.DEFINE_list("dtypes", ["float32", "bfloat16", "float16"], "Input dtypes.")
-flags.DEFINE_integer("extra_seeds", 1, "Seeds measured besides the tests' own seed.")
-flags.DEFINE_float("factor", 4.0, "Tolerance = factor x the worst measured error.")
-flags.DEFINE_string("out", "tests/tolerances.json", "JSON to write ('' to skip).")
+flags.DEFINE_integer("extra_seeds", 1, "Seeds measured besides the tests' own seed.", lower_bound=0)
+flags.DEFINE_float("factor", 4.0, "Tolerance = factor x the worst measured error.", lower_bound=0)
+flags.DEFINE_string(
+    "out",
+    "runs/tolerances.json",
+    "JSON to write ('' to skip); --out=tests/tolerances.json updates the tests' table.",
+)
+COMMITTED = "tests/tolerances.json"  # the table the tests read: the base that --out extends
 
 FLOOR = 2.0**-23  # float32 resolution: below it, the float32 reference state's own rounding
 SEED_STEP = 100  # extra seed i is the tests' seed + SEED_STEP * i
@@ -102,8 +111,9 @@ def main(argv):
 
     path = FLAGS.out
     table = {}
-    if path and os.path.exists(path):
-        with open(path) as f:
+    base_path = path if path and os.path.exists(path) else os.path.join(root, COMMITTED)
+    if os.path.exists(base_path):
+        with open(base_path) as f:
             table = json.load(f)
     tolerances = table.get("tolerances", {})
     measured = table.get("measured", {})
@@ -130,7 +140,7 @@ def main(argv):
             "Tolerances of tests/op_test_base.py per impl, input dtype, case and quantity: "
             "factor x the worst error measured against the float64 reference over the "
             "tests' seed and the extra seeds (raised to the floor first), rounded up to two "
-            "significant digits. Written by experiments/derive_tolerances.py; rerun it when "
+            "significant digits. Written by tools/derive_tolerances.py; rerun it when "
             "a kernel changes. measured: the errors, one per seed."
         ),
         factor=FLAGS.factor,
@@ -152,6 +162,7 @@ def main(argv):
         measured=measured,
     )
     if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "w") as f:
             json.dump(table, f, indent=1, sort_keys=True)
             f.write("\n")
@@ -159,4 +170,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

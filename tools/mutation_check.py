@@ -24,11 +24,12 @@ float32-state probe plus the derived-tolerance cases that carry a state across m
 blocks (2048 and 4096 rows) for the roundings (the probe alone for Mosaic GPU, whose
 interpreter is slow), the boundary-at-every-offset test for segment ids (Mosaic GPU:
 at every offset of its 64-row block, in the dtype of the sweep mutated).
-Without --only the results are written to results/mutation_check.json and .md.
+Without --only the results are written to runs/mutation_check.json and .md
+(--json=results/mutation_check.json for the committed record).
 
-  python experiments/mutation_check.py --nocontrol      # skip the unmodified runs
-  python experiments/mutation_check.py --nostop_at_first   # count every failing test
-  python experiments/mutation_check.py --only=triton_fwd_state_rounded,xla_fwd_chunk_state_rounded
+  python tools/mutation_check.py --nocontrol      # skip the unmodified runs
+  python tools/mutation_check.py --nostop_at_first   # count every failing test
+  python tools/mutation_check.py --only=triton_fwd_state_rounded,xla_fwd_chunk_state_rounded
 
 Exit status 1 if a mutation is missed or stale, or if the control run fails.
 """
@@ -46,8 +47,9 @@ import tempfile
 import time
 from typing import NamedTuple
 
-from absl import app, flags
+from absl import flags
 
+from lightning_jax import cli
 from machine_info import cpu_name
 
 FLAGS = flags.FLAGS
@@ -61,9 +63,10 @@ flags.DEFINE_string(
     "json",
     None,
     "Write the results here as JSON, and a markdown table beside it (.md). Default: "
-    "results/mutation_check.json when every mutation runs (no --only), else nowhere.",
+    "runs/mutation_check.json when every mutation runs (no --only), else nowhere "
+    "(--json=results/mutation_check.json: the committed record).",
 )
-DEFAULT_JSON = "results/mutation_check.json"
+DEFAULT_JSON = "runs/mutation_check.json"
 
 ROUND = ".astype({dtype}).astype(jnp.float32)"
 # The exact probe of the carried state, and the derived-tolerance tests at 2048 (no decay)
@@ -279,7 +282,7 @@ MUTATIONS = [
     ),
     Mutation(  # one helper cuts the mask for both sweeps
         "mosaic_gpu_segment_mask_not_cut",
-        "pallas_kernels/mosaic_gpu.py",
+        "pallas_kernels/_mosaic_gpu_common.py",
         "return jnp.where(rows == cols, mask, 0.0)",
         "return mask",
         ("tests/test_mosaic_gpu.py", "-k", MOSAIC_GPU_SEGMENT_TESTS),
@@ -322,7 +325,7 @@ MUTATIONS = [
     ),
     Mutation(
         "bench_flops_d_equals_e_formula",
-        "experiments/bench_ops.py",
+        "benchmarks/bench_ops.py",
         "per_row = 2 * USEFUL_BLOCK * d + 2 * USEFUL_BLOCK * e + 2 * d * e + 2 * d * e",
         "per_row = 2 * USEFUL_BLOCK * d + 2 * USEFUL_BLOCK * d + 2 * d * e + 2 * d * e",
         ("tests/test_bench_ops.py", "-k", "flops"),
@@ -404,7 +407,7 @@ def write_results(path: str, control: list[dict], rows: list[dict], seconds: flo
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     record = dict(
         command=" ".join(
-            ["python experiments/mutation_check.py"]
+            ["python tools/mutation_check.py"]
             + [a for a in sys.argv[1:] if not a.startswith("--json")]
         ),
         date=time.strftime("%Y-%m-%d", time.gmtime()),
@@ -519,4 +522,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -17,8 +17,8 @@ Y^T both read, XLA's transposes of Y and Z counted, TF32 at half the bf16 peak) 
 `--dtype=float32_highest` its split form (every operand as head and rest, three
 TF32 products each, XLA's splits counted), against the float32 roofline.
 
-  python experiments/mosaic_gpu_estimates.py            # prints a markdown table
-  python experiments/mosaic_gpu_estimates.py --dtype=float32
+  python benchmarks/mosaic_gpu_estimates.py            # prints a markdown table
+  python benchmarks/mosaic_gpu_estimates.py --dtype=float32
 """
 
 from __future__ import annotations
@@ -26,14 +26,19 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from absl import app, flags
+from absl import flags
 
+from lightning_jax import cli
 from pallas_kernels import mosaic_gpu as mg
 
 FLAGS = flags.FLAGS
-flags.DEFINE_float("hbm_tbps", 4.8, "HBM bandwidth, TB/s (H200).")
-flags.DEFINE_float("peak_tflops", 989.0, "Dense bf16 tensor-core peak, TFLOP/s (H200).")
-flags.DEFINE_integer("sms", mg.DEFAULT_NUM_SMS, "Streaming multiprocessors (H200: 132).")
+flags.DEFINE_float("hbm_tbps", 4.8, "HBM bandwidth, TB/s (H200).", lower_bound=0)
+flags.DEFINE_float(
+    "peak_tflops", 989.0, "Dense bf16 tensor-core peak, TFLOP/s (H200).", lower_bound=0
+)
+flags.DEFINE_integer(
+    "sms", mg.DEFAULT_NUM_SMS, "Streaming multiprocessors (H200: 132).", lower_bound=1
+)
 
 flags.DEFINE_enum(
     "dtype",
@@ -182,4 +187,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

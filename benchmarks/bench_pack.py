@@ -8,8 +8,8 @@ per batch, so the same compute per step; the loss and tokens/s count real
 tokens only and the held-out loss is the same stream-window evaluation for both
 (see experiments/lm_train.py).
 
-  python experiments/bench_pack.py                     # demo preset, 300 steps, seeds 0,1
-  python experiments/bench_pack.py --steps=100 --seeds=0 --max_corpus_bytes=4000000
+  python benchmarks/bench_pack.py                     # demo preset, 300 steps, seeds 0,1
+  python benchmarks/bench_pack.py --steps=100 --seeds=0 --max_corpus_bytes=4000000
 
 Writes --out (JSON): per run the median real tokens/s over the log windows, the
 pad fraction of its batches and the final held-out loss; per seed the ratio of
@@ -19,7 +19,7 @@ interleaved timing (--timing_steps): one packed and one padded trainer in one
 process, their steps alternating (pack, pad, pack, ...), median seconds per step
 and the real tokens of those steps.
 
-  python experiments/bench_pack.py --notrain_runs --timing_steps=40   # timing only
+  python benchmarks/bench_pack.py --notrain_runs --timing_steps=40   # timing only
 """
 
 from __future__ import annotations
@@ -32,26 +32,34 @@ import time
 from pathlib import Path
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lightning_jax import cli
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(_REPO, "experiments"), os.path.join(_REPO, "tools")]
 
 import lm_data  # noqa: E402
 import lm_train  # noqa: E402
 from machine_info import cpu_name  # noqa: E402
 
 flags.DEFINE_enum("preset", "demo", sorted(lm_train.PRESETS), "Size preset.")
-flags.DEFINE_integer("steps", 300, "Training steps of every run.")
+flags.DEFINE_integer("steps", 300, "Training steps of every run.", lower_bound=1)
 flags.DEFINE_list("seeds", ["0", "1"], "Seeds (init and batches); each trains pack and pad.")
-flags.DEFINE_integer("seq_len", None, "Sequence length (default: the preset's).")
-flags.DEFINE_integer("batch_size", None, "Rows per batch (default: the preset's).")
-flags.DEFINE_integer("eval_every", 100, "Steps between held-out evaluations.")
+cli.int_list("seeds", minimum=0)
+flags.DEFINE_integer("seq_len", None, "Sequence length (default: the preset's).", lower_bound=1)
+flags.DEFINE_integer("batch_size", None, "Rows per batch (default: the preset's).", lower_bound=1)
+flags.DEFINE_integer("eval_every", 100, "Steps between held-out evaluations.", lower_bound=1)
 flags.DEFINE_string("data", None, "Text file or folder (default: the Python stdlib sources).")
-flags.DEFINE_integer("max_corpus_bytes", None, "Read at most this many corpus bytes.")
+flags.DEFINE_integer(
+    "max_corpus_bytes", None, "Read at most this many corpus bytes.", lower_bound=1
+)
 flags.DEFINE_string("workdir", "runs/bench_pack", "Where the runs write (overwritten).")
 flags.DEFINE_bool("train_runs", True, "Train the pack and pad runs of every seed.")
-flags.DEFINE_integer("timing_steps", 30, "Interleaved timed steps per mode (0: none).")
-flags.DEFINE_string("out", "results/pack_vs_pad.json", "The JSON summary.")
+flags.DEFINE_integer(
+    "timing_steps", 30, "Interleaved timed steps per mode (0: none).", lower_bound=0
+)
+flags.DEFINE_string("out", "runs/pack_vs_pad.json", "The JSON summary.")
 FLAGS = flags.FLAGS
 
 
@@ -171,4 +179,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -17,17 +17,18 @@ trivial all-reduce over a 1-device axis: shard_map's sum of the initial state's
 gradient). On one CPU the "devices" share the cores, so the times show the
 overhead of splitting, not a speed-up; seq 128 is dominated by the combine.
 
-  python experiments/bench_sp.py                          # default: ~1-1.5 min on 2 cores
-  python experiments/bench_sp.py --seqs=4096,65536 --devices=1,8 --reps=7
+  python benchmarks/bench_sp.py                          # default: ~1-1.5 min on 2 cores
+  python benchmarks/bench_sp.py --seqs=4096,65536 --devices=1,8 --reps=7
 """
 
 from __future__ import annotations
 
 import os
 import re
-import sys
 
-from absl import app, flags
+from absl import flags
+
+from lightning_jax import cli
 
 FLAGS = flags.FLAGS
 
@@ -36,14 +37,17 @@ def define_flags() -> None:
     """The command line's flags (defined when run as a script, so the module imports cleanly
     beside other benchmarks that define flags of the same names)."""
     flags.DEFINE_list("devices", ["1", "2", "4", "8"], "Numbers of devices to split seq over.")
+    cli.int_list("devices")
     flags.DEFINE_list("seqs", ["128", "2048", "8192", "32768"], "Global sequence lengths.")
+    cli.int_list("seqs")
     flags.DEFINE_list("combines", ["ppermute", "all_gather"], "Cross-device state combines.")
-    flags.DEFINE_integer("batch", 1, "Batch size.")
-    flags.DEFINE_integer("heads", 4, "Heads.")
-    flags.DEFINE_integer("dim", 64, "d = e.")
+    cli.choice_list("combines", ("ppermute", "all_gather"))
+    flags.DEFINE_integer("batch", 1, "Batch size.", lower_bound=1)
+    flags.DEFINE_integer("heads", 4, "Heads.", lower_bound=1)
+    flags.DEFINE_integer("dim", 64, "d = e.", lower_bound=1)
     flags.DEFINE_string("impl", "xla", "Single-device implementation run on each shard.")
-    flags.DEFINE_integer("reps", 5, "Interleaved repetitions (median reported).")
-    flags.DEFINE_string("out", "results/bench_sp.json", "JSON output path ('' to skip).")
+    flags.DEFINE_integer("reps", 5, "Interleaved repetitions (median reported).", lower_bound=1)
+    flags.DEFINE_string("out", "runs/bench_sp.json", "JSON output path ('' to skip).")
 
 
 COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "reduce-scatter", "all-to-all")
@@ -212,6 +216,10 @@ def main(argv):
     del argv
     import json
 
+    # XLA reads the device count when jax initialises its backends (at the first
+    # computation, below): set it from --devices first.
+    _set_device_count(max(int(n) for n in FLAGS.devices))
+
     result = run(
         [int(n) for n in FLAGS.devices],
         [int(n) for n in FLAGS.seqs],
@@ -232,9 +240,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    # XLA reads the device count when jax initialises its backends: set it from
-    # --devices before anything imports jax.
     define_flags()
-    FLAGS(sys.argv)
-    _set_device_count(max(int(n) for n in FLAGS.devices))
-    app.run(main)
+    cli.run(main)

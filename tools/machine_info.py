@@ -1,4 +1,4 @@
-"""What machine a measurement ran on, for the JSON the experiments write."""
+"""What machine a measurement ran on, for the JSON the benchmarks and tools write."""
 
 from __future__ import annotations
 

@@ -11,20 +11,23 @@ per token (XLA memory analysis). The same run measures the device's dense
 matmul rate. Timings are medians over interleaved repetitions, so every row
 sees the same machine load.
 
-  python experiments/bench_ops.py                      # CPU: b1 h8 d=e=64 f32, 1K..64K
-  python experiments/bench_ops.py --max_seq=262144     # longer sequences
+  python benchmarks/bench_ops.py                      # CPU: b1 h8 d=e=64 f32, 1K..64K
+  python benchmarks/bench_ops.py --max_seq=262144     # longer sequences
   # forward only at 64K, unsegmented and with segment ids (one run per row; random runs):
-  python experiments/bench_ops.py --impls=xla --min_seq=65536 --fwd_only \
+  python benchmarks/bench_ops.py --impls=xla --min_seq=65536 --fwd_only \
       --segments=none,one,random --noceiling --out=''
+  # softmax attention as JAX users call it (jax.nn.dot_product_attention, causal,
+  # [B, T, H, D]) beside the lightning impls, at the same shapes (CPU: up to 8K):
+  python benchmarks/bench_ops.py --impls=xla,softmax --max_seq=16384
   # GPU, the paper's configuration, with cuDNN flash attention as the softmax anchor:
-  python experiments/bench_ops.py --batch=4 --heads=32 --dim=128 --dtype=bfloat16 \
+  python benchmarks/bench_ops.py --batch=4 --heads=32 --dim=128 --dtype=bfloat16 \
       --impls=triton,xla,cudnn --matmul_size=8192
   # TPU, the same configuration (impls default to mosaic_tpu,xla on a TPU backend; the
   # dense bf16 matmul is timed in the same run):
-  python experiments/bench_ops.py --batch=4 --heads=32 --dim=128 --dtype=bfloat16 \
+  python benchmarks/bench_ops.py --batch=4 --heads=32 --dim=128 --dtype=bfloat16 \
       --min_seq=2048 --max_seq=65536 --matmul_size=8192 --noceiling
 
-Prints a table and the targets of the issues, and writes JSON.
+Prints a table and the design targets, and writes JSON.
 """
 
 from __future__ import annotations
@@ -38,28 +41,49 @@ import time
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 from jax import lax
 
 import lightning_jax as lj
-from lightning_jax import xla
-from machine_info import cpu_name
+from lightning_jax import cli, xla
+
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+)
+from machine_info import cpu_name  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("impls", None, "Implementations to time (default: by backend).")
-flags.DEFINE_integer("batch", 1, "Batch size.")
-flags.DEFINE_integer("heads", 8, "Heads.")
-flags.DEFINE_integer("dim", 64, "d, the head dim of q and k (and of v unless --dim_v).")
-flags.DEFINE_integer("dim_v", None, "e, the head dim of v (default: --dim).")
+flags.DEFINE_integer("batch", 1, "Batch size.", lower_bound=1)
+flags.DEFINE_integer("heads", 8, "Heads.", lower_bound=1)
+flags.DEFINE_integer(
+    "dim", 64, "d, the head dim of q and k (and of v unless --dim_v).", lower_bound=1
+)
+flags.DEFINE_integer("dim_v", None, "e, the head dim of v (default: --dim).", lower_bound=1)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Input dtype.")
-flags.DEFINE_integer("min_seq", 1024, "Smallest seq (powers of two up to max_seq).")
-flags.DEFINE_integer("max_seq", 65536, "Largest seq.")
-flags.DEFINE_integer("reference_max_seq", 4096, "The O(n^2) reference only up to this seq.")
-flags.DEFINE_integer("reps", 7, "Interleaved repetitions (median reported).")
-flags.DEFINE_integer("matmul_size", 2048, "Square matmul size for the device's FLOP/s.")
-flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s for the roofline (default: table/measured).")
-flags.DEFINE_float("peak_gbps", None, "Peak memory GB/s for the roofline (default: table).")
-flags.DEFINE_string("out", "results/bench_ops.json", "JSON output path ('' to skip).")
+flags.DEFINE_integer("min_seq", 1024, "Smallest seq (powers of two up to max_seq).", lower_bound=1)
+flags.DEFINE_integer("max_seq", 65536, "Largest seq.", lower_bound=1)
+flags.DEFINE_integer(
+    "reference_max_seq", 4096, "The O(n^2) reference only up to this seq.", lower_bound=0
+)
+flags.DEFINE_integer(
+    "softmax_max_seq",
+    8192,
+    "impl softmax (XLA's jax.nn.dot_product_attention, O(n^2) memory off GPU) only up to "
+    "this seq; cudnn has no limit.",
+    lower_bound=0,
+)
+flags.DEFINE_integer("reps", 7, "Interleaved repetitions (median reported).", lower_bound=1)
+flags.DEFINE_integer(
+    "matmul_size", 2048, "Square matmul size for the device's FLOP/s.", lower_bound=1
+)
+flags.DEFINE_float(
+    "peak_tflops", None, "Peak TFLOP/s for the roofline (default: table/measured).", lower_bound=0
+)
+flags.DEFINE_float(
+    "peak_gbps", None, "Peak memory GB/s for the roofline (default: table).", lower_bound=0
+)
+flags.DEFINE_string("out", "runs/bench_ops.json", "JSON output path ('' to skip).")
 flags.DEFINE_bool(
     "fwd_only", False, "Time the forward only (prints a short table; no markdown or plots)."
 )
@@ -75,12 +99,18 @@ flags.DEFINE_bool("plot", True, "Write PNGs of time and memory against seq besid
 flags.DEFINE_bool(
     "ceiling", True, "Also time the XLA path's per-chunk matmuls alone (its ceiling)."
 )
-flags.DEFINE_integer("ceiling_steps", 200, "Scan steps per timed call of the ceiling.")
-flags.DEFINE_integer("ceiling_block", xla.DEFAULT_BLOCK, "Block of the ceiling's matmuls.")
-flags.DEFINE_integer("ceiling_chunk", xla.DEFAULT_CHUNK, "Chunk of the ceiling's matmuls.")
+flags.DEFINE_integer(
+    "ceiling_steps", 200, "Scan steps per timed call of the ceiling.", lower_bound=1
+)
+flags.DEFINE_integer(
+    "ceiling_block", xla.DEFAULT_BLOCK, "Block of the ceiling's matmuls.", lower_bound=1
+)
+flags.DEFINE_integer(
+    "ceiling_chunk", xla.DEFAULT_CHUNK, "Chunk of the ceiling's matmuls.", lower_bound=1
+)
 
 DEFAULT_IMPLS = {
-    "cpu": ["xla", "reference"],
+    "cpu": ["xla", "reference", "softmax"],
     "gpu": ["triton", "xla", "cudnn"],
     "tpu": ["mosaic_tpu", "xla"],
 }
@@ -98,6 +128,10 @@ DEVICE_PEAKS = {
 
 
 USEFUL_BLOCK = 64  # the block of the FLOP count (the Triton kernel's default)
+# Softmax attention as JAX users call it, `jax.nn.dot_product_attention(q, k, v,
+# is_causal=True)` on [batch, seq, heads, d]: "softmax" lets JAX pick the implementation
+# (XLA's, or cuDNN's where it applies), "cudnn" asks for cuDNN's fused flash attention.
+SOFTMAX_IMPLS = {"softmax": None, "cudnn": "cudnn"}
 
 
 def useful_flops(n: int, batch: int, heads: int, d: int, e: int) -> float:
@@ -153,10 +187,13 @@ def segment_ids_for(mode: str, batch: int, n: int, seed: int = 0) -> tuple[jax.A
 
 def _make_fns(impl: str, slopes):
     """Forward (q, k, v[, segment_ids]) -> o and forward+backward (q, k, v, do[, segment_ids])."""
-    if impl == "cudnn":  # softmax anchor: [batch, seq, heads, d] layout, causal
+    if impl in SOFTMAX_IMPLS:  # softmax anchor: [batch, seq, heads, d] layout, causal
+        implementation = SOFTMAX_IMPLS[impl]
 
         def fwd(q, k, v):
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+            return jax.nn.dot_product_attention(
+                q, k, v, is_causal=True, implementation=implementation
+            )
 
     else:
 
@@ -183,12 +220,14 @@ def run(
     dim_v=None,
     kinds=("fwd", "fwd_bwd"),
     segments=("none",),
+    softmax_max_seq=None,
 ) -> dict:
     """Measures every (impl, seq); returns the rows and the matmul rate.
 
     dim is d (q, k), dim_v is e (v, o; None: d). kinds: which of "fwd", "fwd_bwd"
-    to time. segments: SEGMENT_MODES to time each impl with (cudnn: "none" only);
-    a segmented row's impl is labelled impl+seg_<mode>.
+    to time. segments: SEGMENT_MODES to time each impl with (softmax, cudnn: "none"
+    only); a segmented row's impl is labelled impl+seg_<mode>. impl "softmax" runs up to
+    softmax_max_seq (None: every seq).
     """
     dim_v = dim if dim_v is None else dim_v
     slopes = lj.alibi_slopes(heads)
@@ -205,17 +244,19 @@ def run(
         jax.block_until_ready(fresh_output(x))
         jobs.append(("fresh-output", n, "fwd", fresh_output, (x,)))
     for impl, mode in [(i, m) for i in impls for m in segments]:
-        if impl == "cudnn" and mode != "none":
+        if impl in SOFTMAX_IMPLS and mode != "none":
             continue
         fwd, fwd_bwd = _make_fns(impl, slopes)
         label = impl if mode == "none" else f"{impl}+seg_{mode}"
         for n in seqs:
             if impl == "reference" and n > reference_max_seq:
                 continue
+            if impl == "softmax" and softmax_max_seq is not None and n > softmax_max_seq:
+                continue
             q, k, v, do = (
                 jax.random.normal(
                     kk,
-                    (batch, n, heads, width) if impl == "cudnn" else (batch, heads, n, width),
+                    (batch, n, heads, width) if impl in SOFTMAX_IMPLS else (batch, heads, n, width),
                     jnp.float32,
                 ).astype(dtype)
                 for kk, width in zip(
@@ -258,7 +299,7 @@ def run(
     for row in rows.values():
         n = row["seq"]
         row["fresh_output_us_per_token"] = alloc[n] / n * 1e6
-        if row["impl"] == "cudnn":
+        if row["impl"] in SOFTMAX_IMPLS:
             flops = softmax_flops(n, batch, heads, dim, dim_v)
         else:
             flops = useful_flops(n, batch, heads, dim, dim_v)
@@ -370,7 +411,7 @@ def _by_impl(result: dict) -> dict:
 
 
 def report(result: dict) -> list[str]:
-    """Table lines, then each issue's targets."""
+    """Table lines, then the design targets."""
     mm = result["matmul_gflops"]
     lines = [
         f"dense matmul: {mm:.1f} GFLOP/s (median); roofline peaks: "
@@ -394,7 +435,7 @@ def report(result: dict) -> list[str]:
         )
     by_impl = _by_impl(result)
     for impl, by_seq in by_impl.items():
-        if impl in ("reference", "cudnn") or len(by_seq) < 2:
+        if impl == "reference" or impl in SOFTMAX_IMPLS or len(by_seq) < 2:
             continue
         lo, hi = min(by_seq), max(by_seq)
         first, last = by_seq[lo], by_seq[hi]
@@ -410,14 +451,17 @@ def report(result: dict) -> list[str]:
             + ", ".join(f"{m:.0f}" for m in mem)
             + " (target: flat, not growing)",
         ]
-        if "cudnn" in by_impl:
-            wins = [
-                n
-                for n in sorted(by_seq)
-                if n in by_impl["cudnn"]
-                and by_seq[n]["fwd_bwd_s"] < by_impl["cudnn"][n]["fwd_bwd_s"]
-            ]
-            lines.append(f"[{impl}] fwd+bwd faster than cuDNN at seq {wins} (target: from 2K up)")
+        for softmax in [name for name in SOFTMAX_IMPLS if name in by_impl]:
+            both = [n for n in sorted(by_seq) if n in by_impl[softmax]]
+            wins = [n for n in both if by_seq[n]["fwd_bwd_s"] < by_impl[softmax][n]["fwd_bwd_s"]]
+            ratios = ", ".join(
+                f"{n}: x{by_impl[softmax][n]['fwd_bwd_s'] / by_seq[n]['fwd_bwd_s']:.2f}"
+                for n in both
+            )
+            lines.append(
+                f"[{impl}] fwd+bwd time of {softmax} / {impl} by seq: {ratios}; "
+                f"{impl} faster at seq {wins}"
+            )
         ceiling = result.get("xla_chunk_matmuls")
         if impl == "xla" and ceiling:
             mm_c = ceiling["matmul_gflops"]
@@ -444,7 +488,7 @@ def report(result: dict) -> list[str]:
 
 
 def markdown(result: dict) -> str:
-    """The table as markdown, for the README."""
+    """The table as markdown, for the benchmarks page (docs/benchmarks.md)."""
     mm = result["matmul_gflops"]
     lines = [
         "| impl | seq | fwd us/token | fwd+bwd us/token | fwd GFLOP/s | of matmul "
@@ -513,7 +557,7 @@ def main(argv):
     del argv
     bad = [m for m in FLAGS.segments if m not in SEGMENT_MODES]
     if bad or not FLAGS.segments:
-        raise app.UsageError(f"--segments takes modes from {SEGMENT_MODES}, got {FLAGS.segments}")
+        raise cli.UsageError(f"--segments takes modes from {SEGMENT_MODES}, got {FLAGS.segments}")
     seqs = []
     n = FLAGS.min_seq
     while n <= FLAGS.max_seq:
@@ -534,6 +578,7 @@ def main(argv):
         FLAGS.dim_v,
         kinds=("fwd",) if FLAGS.fwd_only else ("fwd", "fwd_bwd"),
         segments=FLAGS.segments,
+        softmax_max_seq=FLAGS.softmax_max_seq,
     )
     if FLAGS.ceiling and "xla" in impls:
         result["xla_chunk_matmuls"] = chunk_matmuls(
@@ -587,4 +632,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -9,7 +9,7 @@ both see the same machine load over the same window. Reports the ratio A/B of
 each pair's median times, their median and spread, and writes JSON.
 
   git worktree add /tmp/preseg 17b833f    # main before the segment-id merge
-  python experiments/segment_overhead.py --baseline=/tmp/preseg --pairs=6
+  python benchmarks/segment_overhead.py --baseline=/tmp/preseg --pairs=6
   git worktree remove /tmp/preseg
 """
 
@@ -24,15 +24,19 @@ import tempfile
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
+
+from lightning_jax import cli
 
 HERE = Path(__file__).resolve().parent
 flags.DEFINE_string("baseline", None, "Root of the tree whose lightning_jax is B.", required=True)
-flags.DEFINE_integer("pairs", 6, "A/B pairs (each: two fresh bench_ops processes).")
-flags.DEFINE_integer("seq", 65536, "Sequence length.")
-flags.DEFINE_integer("reps", 5, "bench_ops --reps per process (its median is the sample).")
+flags.DEFINE_integer("pairs", 6, "A/B pairs (each: two fresh bench_ops processes).", lower_bound=1)
+flags.DEFINE_integer("seq", 65536, "Sequence length.", lower_bound=1)
+flags.DEFINE_integer(
+    "reps", 5, "bench_ops --reps per process (its median is the sample).", lower_bound=1
+)
 flags.DEFINE_string("impl", "xla", "Implementation.")
-flags.DEFINE_string("out", "results/segment_overhead.json", "JSON output path.")
+flags.DEFINE_string("out", "runs/segment_overhead.json", "JSON output path.")
 FLAGS = flags.FLAGS
 
 
@@ -90,4 +94,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

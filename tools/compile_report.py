@@ -19,7 +19,7 @@ instead of without; rows then say `segmented: true`.
 
 Needs the `[aot]` extra (`pip install -e ".[aot]"`). Example:
 
-    python experiments/compile_report.py --targets=h200,v5e,v6e --json=/tmp/compile.json
+    python tools/compile_report.py --targets=h200,v5e,v6e --json=/tmp/compile.json
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
+
+from lightning_jax import cli
 
 GPU_TARGET_DIR = Path(__file__).resolve().parent / "gpu_targets"
 GPU_TARGETS = {"h100": "h100_sxm.txtpb", "h200": "h200.txtpb"}
@@ -62,7 +64,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """The command line's flags (defined only when run as a script, so that the tests
-    can import this module beside other experiments that define flags of the same names)."""
+    can import this module beside other scripts that define flags of the same names)."""
     flags.DEFINE_list("targets", ["h200", "v5e", "v6e"], f"Any of {[*GPU_TARGETS, *TPU_TARGETS]}.")
     flags.DEFINE_list("impls", [], "Kernels to compile (default: every kernel of each target).")
     flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Input dtypes.")
@@ -75,8 +77,10 @@ def define_flags() -> None:
     )
     flags.DEFINE_string("json", None, "Write the rows as a JSON list here.")
     flags.DEFINE_bool("markdown", False, "Also print a markdown table (one line per compile).")
-    flags.DEFINE_integer("timeout", 600, "Seconds per compile before it counts as failed.")
-    flags.DEFINE_integer("jobs", 2, "Compiles run at once.")
+    flags.DEFINE_integer(
+        "timeout", 600, "Seconds per compile before it counts as failed.", lower_bound=1
+    )
+    flags.DEFINE_integer("jobs", 2, "Compiles run at once.", lower_bound=1)
     flags.DEFINE_string("worker", None, "Internal: compile one job given as JSON and print a row.")
 
 
@@ -168,7 +172,7 @@ def _wheel_ptxas_dir() -> str | None:
 def _worker_env(job: Job, dump_dir: str) -> dict[str, str]:
     env = dict(os.environ)
     # This checkout's kernels, whatever copy of the package is installed: the worker's
-    # sys.path starts at experiments/, not at the checkout's root.
+    # sys.path starts at tools/, not at the checkout's root.
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
     env["JAX_PLATFORMS"] = "cpu"  # the compilers run without their devices
@@ -593,4 +597,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

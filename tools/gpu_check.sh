@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command to check every implementation on one NVIDIA GPU and benchmark it:
 #
-#   bash experiments/gpu_check.sh            # from the repo root or anywhere
+#   bash tools/gpu_check.sh            # from the repo root or anywhere
 #
 # 1. Environment: uses the active virtualenv if one is active; otherwise creates
 #    .venv-gpu-check and installs this repo with its test extras and jax[cuda12]
@@ -14,15 +14,24 @@
 #    GPU kernels in bf16, f16 and float32 (TF32) on sm_90+), then bench_ops.py at the paper's shape
 #    (b4 h32 d=e=128 bf16, seq 1K..64K; mosaic_gpu, triton and cuDNN flash
 #    attention as the softmax anchor; the XLA path to 16K) and at b1 h8, writing
-#    JSON and markdown tables under results/gpu_check/ (GPU_CHECK_OUT overrides).
-#    Every step has a time limit, to finish in under 8 minutes on an H100-class
+#    JSON and markdown tables under runs/gpu_check/ (GPU_CHECK_OUT overrides).
+#    cuDNN's flash attention is `jax.nn.dot_product_attention(..., is_causal=True,
+#    implementation="cudnn")` on [B, T, H, D], at the same shapes as the lightning impls.
+#    Then, where torch is importable, benchmarks/bench_torch.py times the PyTorch kernels
+#    of the same op at the same shapes: flash-linear-attention's chunk_simple_gla
+#    (package fla-core) and the official lightning_attn Triton kernel (lightning-attn).
+#    Wheels in .whl/ are installed first (pip install --no-index --no-deps), for a
+#    machine without network access; fetch them where pip works with
+#      pip download --no-deps --only-binary=:all: -d .whl fla-core lightning-attn
+#    (and their pure-Python requirements that the machine lacks, e.g. einops).
+#    Every step has a time limit, to finish in under 10 minutes on an H100-class
 #    GPU.
 # 4. Prints the line to record in lightning_jax/api.py (MOSAIC_GPU_VALIDATED)
 #    when the device tests passed on a Hopper-class GPU. Exit status: 0 when
 #    every step passed (or there is no GPU), 1 otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${GPU_CHECK_OUT:-results/gpu_check}
+OUT=${GPU_CHECK_OUT:-runs/gpu_check}
 mkdir -p "$OUT"
 status=0
 say() { echo "[gpu_check $(date -u +%H:%M:%S)] $*"; }
@@ -49,7 +58,7 @@ if [[ "$backend" != "gpu" ]] || ! nvidia-smi -L > /dev/null 2>&1; then
   say "running what a CPU can: Mosaic GPU interpreter smoke tests and a tiny benchmark"
   python -m pytest -q -p no:cacheprovider tests/test_mosaic_gpu.py \
     -k "seq_one or defaults_return or auto_ or argument_errors or tiling" || status=1
-  python experiments/bench_ops.py --impls=xla --min_seq=1024 --max_seq=2048 --reps=1 \
+  python benchmarks/bench_ops.py --impls=xla --min_seq=1024 --max_seq=2048 --reps=1 \
     --matmul_size=256 --plot=false --ceiling=false --out="$OUT/bench_cpu_smoke.json" > "$OUT/bench_cpu_smoke.txt" 2>&1 \
     || status=1
   say "CPU part done (status $status); the device tests and GPU benchmarks need an NVIDIA GPU: skipped."
@@ -72,7 +81,7 @@ bench() {  # name, timeout seconds, then bench_ops flags
   local name=$1 limit=$2
   shift 2
   say "bench $name"
-  timeout "$limit" python experiments/bench_ops.py --dim=128 --dtype=bfloat16 --reps=3 \
+  timeout "$limit" python benchmarks/bench_ops.py --dim=128 --dtype=bfloat16 --reps=3 \
     --matmul_size=8192 --markdown --plot=false --ceiling=false \
     --out="$OUT/bench_$name.json" "$@" 2>&1 | tee "$OUT/bench_$name.txt"
   [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
@@ -84,6 +93,26 @@ bench b4h32 110 --batch=4 --heads=32 --min_seq=1024 --max_seq=65536 --impls=$ker
 bench b4h32_xla 40 --batch=4 --heads=32 --min_seq=1024 --max_seq=16384 --impls=xla
 bench b1h8 110 --batch=1 --heads=8 --min_seq=1024 --max_seq=65536 --impls=$kernels
 bench b1h8_xla 40 --batch=1 --heads=8 --min_seq=1024 --max_seq=16384 --impls=xla
+
+# The PyTorch kernels of the same op, at the same shapes (b4 h32 and b1 h8, d = e = 128).
+if compgen -G ".whl/*.whl" > /dev/null; then
+  site=$(mktemp -d)
+  say "installing the wheels in .whl/ into $site"
+  python -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:$site" || status=1
+fi
+if python -c "import torch, triton; assert torch.cuda.is_available()" > /dev/null 2>&1; then
+  for shape in "4 32" "1 8"; do
+    set -- $shape
+    say "bench torch b$1h$2: fla chunk_simple_gla, lightning_attn"
+    timeout 120 python benchmarks/bench_torch.py --batch="$1" --heads="$2" --dim=128 \
+      --dtype=bfloat16 --reps=3 --min_seq=1024 --max_seq=65536 \
+      --out="$OUT/bench_torch_b$1h$2.json" 2>&1 | tee "$OUT/bench_torch_b$1h$2.txt"
+    [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+  done
+else
+  say "torch with CUDA and triton not importable: the PyTorch kernels are not timed"
+fi
 
 # --- 4. the record ----------------------------------------------------------------------
 capability=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1)

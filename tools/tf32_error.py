@@ -9,7 +9,7 @@ output, the final state and the gradients against the float64 reference for
 "highest" (exact float32), emulated TF32 and bfloat16 inputs, over a few shapes
 and slopes. These are emulation figures, not GPU measurements.
 
-    python experiments/tf32_error.py
+    python tools/tf32_error.py
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import lightning_jax as lj
-from lightning_jax import xla
+from lightning_jax import cli, xla
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("json", None, "Also write the rows as JSON here.")
-flags.DEFINE_integer("seq", 2048, "Sequence length.")
+flags.DEFINE_integer("seq", 2048, "Sequence length.", lower_bound=1)
 
 CASES = [("none", 64), ("alibi", 64), ("alibi", 128)]  # slopes, d = e
 
@@ -123,4 +123,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

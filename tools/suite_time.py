@@ -1,24 +1,24 @@
 r"""The share of a suite's time spent in selected tests, from a pytest junit XML file.
 
-Issue 11's "Done when" asks that its tests grow the suite's time on 2 cores by no
-more than 20%. The suite also grew with other issues, so the figure is the time of
-the tests issue 11 added over the time of everything else in the same run:
+How much a set of tests adds to the suite's time (say, on 2 cores: a budget such as
+"at most 20% more"): the time of the selected tests over the time of everything else
+in the same run:
 
     growth = added / (total - added)
 
 Run the whole suite once with a junit file, then this script on it:
 
   PYTEST_ADDOPTS="--junitxml=/tmp/suite.xml" python -m pytest
-  python experiments/suite_time.py /tmp/suite.xml              # issue 11's tests
-  python experiments/suite_time.py /tmp/suite.xml --tests='tests/test_xla.py::*'
-  python experiments/suite_time.py /tmp/a.xml /tmp/b.xml   # partial runs, pooled
+  python tools/suite_time.py /tmp/suite.xml              # the precision tests
+  python tools/suite_time.py /tmp/suite.xml --tests='tests/test_xla.py::*'
+  python tools/suite_time.py /tmp/a.xml /tmp/b.xml   # partial runs, pooled
 
 --tests takes fnmatch patterns (`*`, `?`, `[` quoted as `[[]`) matched against
 node ids built from the junit record, `tests/test_pallas.py::TestTritonInterpret::
 test_low_precision[b1h2n2048d16e16-none-blkNone-bf16]`. The default is ISSUE_11_TESTS:
-the tests issue 11 added (`git diff 17b833f^1 17b833f -- tests/`), including the
-parametrized cases it added to the shared base class (`tests/op_test_base.py`), which
-every implementation's class runs. A test's time is its junit `time` (setup, call
+the precision and carried-state tests (`git diff 17b833f^1 17b833f -- tests/`), including
+the parametrized cases of the shared base class (`tests/op_test_base.py`), which every
+implementation's class runs. A test's time is its junit `time` (setup, call
 and teardown); module-level fixtures and collection are in the total only.
 """
 
@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import sys
 import xml.etree.ElementTree as ET
 from typing import NamedTuple
 
-from absl import app, flags
+from absl import flags
+
+from lightning_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list(
@@ -38,7 +39,7 @@ flags.DEFINE_list(
     None,
     "fnmatch patterns of node ids to count as added (default: ISSUE_11_TESTS).",
 )
-flags.DEFINE_integer("top", 10, "List this many of the slowest added tests.")
+flags.DEFINE_integer("top", 10, "List this many of the slowest added tests.", lower_bound=1)
 flags.DEFINE_string("json", None, "Also write the figures here as JSON.")
 
 # The tests issue 11 added (merge 17b833f): the long low-precision cases and the
@@ -136,7 +137,7 @@ def suite_share(cases: list[Case], patterns: tuple[str, ...]) -> dict:
 
 def main(argv):
     if len(argv) < 2:
-        raise app.UsageError("usage: suite_time.py JUNIT_XML [JUNIT_XML ...] [--tests=PATTERN,...]")
+        raise cli.UsageError("usage: suite_time.py JUNIT_XML [JUNIT_XML ...] [--tests=PATTERN,...]")
     patterns = tuple(FLAGS.tests) if FLAGS.tests else ISSUE_11_TESTS
     paths = argv[1:]
     share = suite_share([case for path in paths for case in read_junit(path)], patterns)
@@ -158,4 +159,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    cli.run(main, positional=True)

@@ -15,7 +15,7 @@ max error relative to the output's RMS and max. The forward pass's output only (
 backward's dKV states are the same kind of sum, walked from the other end). The
 reference row: the float64 output itself rounded to bf16 (the op's output dtype).
 
-  python experiments/split_state_error.py            # b1 h8 d = e = 128, seq 65536
+  python tools/split_state_error.py            # b1 h8 d = e = 128, seq 65536
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import lightning_jax as lj
+from lightning_jax import cli
 from pallas_kernels import mosaic_gpu
 
 FLAGS = flags.FLAGS
@@ -37,13 +38,13 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """The command line's flags (defined only when run as a script: the tests import this
-    module beside experiments that define flags of the same names)."""
-    flags.DEFINE_integer("batch", 1, "Batch.")
-    flags.DEFINE_integer("heads", 8, "Heads (ALiBi slopes).")
-    flags.DEFINE_integer("seq", 65536, "Sequence length.")
-    flags.DEFINE_integer("dim", 128, "d = e.")
-    flags.DEFINE_integer("seed", 0, "Input seed.")
-    flags.DEFINE_string("out", "results/split_state_error.json", "JSON file (empty: none).")
+    module beside other scripts that define flags of the same names)."""
+    flags.DEFINE_integer("batch", 1, "Batch.", lower_bound=1)
+    flags.DEFINE_integer("heads", 8, "Heads (ALiBi slopes).", lower_bound=1)
+    flags.DEFINE_integer("seq", 65536, "Sequence length.", lower_bound=1)
+    flags.DEFINE_integer("dim", 128, "d = e.", lower_bound=1)
+    flags.DEFINE_integer("seed", 0, "Input seed.", lower_bound=0)
+    flags.DEFINE_string("out", "runs/split_state_error.json", "JSON file (empty: none).")
 
 
 def relative_errors(actual: np.ndarray, expected: np.ndarray) -> dict[str, float]:
@@ -136,4 +137,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)

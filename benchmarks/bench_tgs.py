@@ -6,8 +6,8 @@ step held constant (batch = tokens_per_step / seq), for the Lightning model and
 the softmax baseline, on the current device. Softmax attention is quadratic in
 memory on backends without a fused kernel, so it stops at --softmax_max_seq.
 
-  python experiments/bench_tgs.py                      # CPU: 1K..64K, 64K tokens per step
-  python experiments/bench_tgs.py --max_seq=262144 --tokens_per_step=262144
+  python benchmarks/bench_tgs.py                      # CPU: 1K..64K, 64K tokens per step
+  python benchmarks/bench_tgs.py --max_seq=262144 --tokens_per_step=262144
 
 Prints a table, writes JSON and a PNG (TGS against seq, log-log).
 """
@@ -22,9 +22,13 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from lightning_jax import cli
+
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+)
 
 import lm_train  # noqa: E402
 
@@ -109,18 +113,23 @@ def plot_tgs(rows: list[dict], path: str) -> None:
 
 
 def _define_flags():
-    flags.DEFINE_integer("min_seq", 1024, "Smallest seq (powers of two).")
-    flags.DEFINE_integer("max_seq", 65536, "Largest seq.")
-    flags.DEFINE_integer("softmax_max_seq", 2048, "Largest seq for the softmax baseline.")
-    flags.DEFINE_integer("tokens_per_step", 65536, "Tokens per training step (constant).")
-    flags.DEFINE_integer("num_layers", 2, "Layers of the fixed model.")
-    flags.DEFINE_integer("embed_dim", 128, "Width of the fixed model.")
-    flags.DEFINE_integer("num_heads", 4, "Heads of the fixed model.")
-    flags.DEFINE_integer("reps", 3, "Timed steps per seq (median).")
+    flags.DEFINE_integer("min_seq", 1024, "Smallest seq (powers of two).", lower_bound=1)
+    flags.DEFINE_integer("max_seq", 65536, "Largest seq.", lower_bound=1)
+    flags.DEFINE_integer(
+        "softmax_max_seq", 2048, "Largest seq for the softmax baseline.", lower_bound=0
+    )
+    flags.DEFINE_integer(
+        "tokens_per_step", 65536, "Tokens per training step (constant).", lower_bound=1
+    )
+    flags.DEFINE_integer("num_layers", 2, "Layers of the fixed model.", lower_bound=1)
+    flags.DEFINE_integer("embed_dim", 128, "Width of the fixed model.", lower_bound=1)
+    flags.DEFINE_integer("num_heads", 4, "Heads of the fixed model.", lower_bound=1)
+    flags.DEFINE_integer("reps", 3, "Timed steps per seq (median).", lower_bound=1)
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
     flags.DEFINE_string("impl", "auto", "Lightning op implementation.")
     flags.DEFINE_list("mixers", ["lightning", "softmax"], "Models to measure.")
-    flags.DEFINE_string("out", "results/bench_tgs.json", "JSON path (PNG beside it).")
+    cli.choice_list("mixers", ("lightning", "softmax"))
+    flags.DEFINE_string("out", "runs/bench_tgs.json", "JSON path (PNG beside it).")
 
 
 def main(argv):
@@ -180,4 +189,4 @@ _FLAG_NAMES = (
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

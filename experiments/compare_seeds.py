@@ -23,8 +23,14 @@ from absl import flags
 
 from lightning_jax import cli
 
-flags.DEFINE_list("runs", [], "Folders (or compare.json paths) of one --compare run per seed.")
-flags.DEFINE_string("out", "runs/compare_seeds/compare_seeds.json", "JSON path (PNG beside it).")
+
+def define_flags() -> None:
+    """The command line's flags (defined only when run as a script, so that the tests can
+    import this module beside other scripts that define flags of the same names)."""
+    flags.DEFINE_list("runs", [], "Folders (or compare.json paths) of one --compare run per seed.")
+    flags.DEFINE_string(
+        "out", "runs/compare_seeds/compare_seeds.json", "JSON path (PNG beside it)."
+    )
 
 
 def load_runs(paths: list[str]) -> list[dict]:
@@ -126,4 +132,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

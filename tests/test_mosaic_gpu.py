@@ -329,7 +329,7 @@ def test_dims_above_256_are_refused():
 def test_float64_is_refused():
     with jax.enable_x64(True):
         x = jnp.zeros((1, 2, 8, 16), jnp.float64)
-        with pytest.raises(TypeError, match='q is float64.*impl="xla"'):
+        with pytest.raises(TypeError, match='q, k, v are float64.*impl="xla"'):
             lj.lightning_attention(x, x, x, impl="mosaic_gpu")
 
 

@@ -47,7 +47,7 @@ def test_kernel_block_size_rules(impl, block_size, match):
 def test_float64_is_refused(impl):
     with jax.enable_x64(True):
         x = jnp.zeros((1, 2, 8, 16), jnp.float64)
-        with pytest.raises(TypeError, match='q is float64.*impl="xla"'):
+        with pytest.raises(TypeError, match='q, k, v are float64.*impl="xla"'):
             lj.lightning_attention(x, x, x, impl=impl)
 
 

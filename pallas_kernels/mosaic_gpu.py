@@ -613,9 +613,7 @@ def lightning_attention_mosaic_gpu(
         raise ValueError(f"seq_splits must be None or >= 1, got {seq_splits}")
     if n >= MAX_SEQ:  # the kernels read each sequence's length as a float32
         raise ValueError(f"the Mosaic GPU kernel takes seq < {MAX_SEQ}, got q [..., {n}, {d}]")
-    dtype = q.dtype
     tiling = choose_tiling(batch * heads, e, n, seq_splits)
-    k, v = k.astype(dtype), v.astype(dtype)
     padded = flatten_and_pad(
         q,
         k,
@@ -626,7 +624,7 @@ def lightning_attention_mosaic_gpu(
         round_up(d, DIM_ALIGN),
         round_up(e, DIM_ALIGN),
     )
-    precision = precision if dtype == jnp.float32 else "default"  # 16-bit: one kernel
+    precision = precision if q.dtype == jnp.float32 else "default"  # 16-bit: one kernel
     if segment_ids is None:
         o, state = _LIGHTNING[precision, False](*padded, tiling, n, interpret)
     else:

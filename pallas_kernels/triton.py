@@ -568,8 +568,6 @@ def lightning_attention_triton(
         raise ValueError(
             f"block_size must be a power of two >= {MIN_DIM} for the Triton kernel, got {block}"
         )
-    dtype = q.dtype
-    k, v = k.astype(dtype), v.astype(dtype)
     padded = flatten_and_pad(
         q, k, v, slopes, initial_state, round_up(n, block), _padded_dim(d), _padded_dim(e), layout
     )

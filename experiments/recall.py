@@ -275,8 +275,9 @@ def summarize(results: list[dict]) -> list[dict]:
     """Groups runs by (head_dim, mixer): accuracy per N as mean, min, max over seeds.
 
     Returns rows sorted by head dim (mixers in first-seen order), each with
-    `mixer`, `head_dim`, `seeds`, and `mean` / `min` / `max` / `std`: {N: float}
-    (std: sample standard deviation, 0 for one seed).
+    `mixer`, `head_dim`, `seeds`, `values`: {N: [accuracy per seed]}, and
+    `mean` / `min` / `max` / `std`: {N: float} (std: sample standard
+    deviation, 0 for one seed).
     """
     groups: dict[tuple[int, str], list[dict]] = {}
     for r in results:
@@ -293,6 +294,7 @@ def summarize(results: list[dict]) -> list[dict]:
                 mixer=mixer,
                 head_dim=head_dim,
                 seeds=[r["seed"] for r in runs],
+                values=acc,
                 mean={n: float(np.mean(a)) for n, a in acc.items()},
                 min={n: float(np.min(a)) for n, a in acc.items()},
                 max={n: float(np.max(a)) for n, a in acc.items()},
@@ -304,7 +306,8 @@ def summarize(results: list[dict]) -> list[dict]:
 
 
 def plot_recall(rows: list[dict], chance: float, path: str, title: str = "") -> None:
-    """Accuracy against N per mixer, one panel per head dim; markers: mean, bars: min-max."""
+    """Accuracy against N per mixer, one panel per head dim; markers: mean, bars: min-max,
+    small dots: the seeds (a mean of runs that did and did not learn the task hides that)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -321,8 +324,12 @@ def plot_recall(rows: list[dict], chance: float, path: str, title: str = "") -> 
             mean = np.array([r["mean"][n] for n in pairs])
             low = mean - np.array([r["min"][n] for n in pairs])
             high = np.array([r["max"][n] for n in pairs]) - mean
-            ax.errorbar(pairs, mean, yerr=[low, high], fmt="o-", capsize=3,
-                        label=f"{r['mixer']} ({len(r['seeds'])} seeds)")  # fmt: skip
+            bars = ax.errorbar(pairs, mean, yerr=[low, high], fmt="o-", capsize=3,
+                               label=f"{r['mixer']} ({len(r['seeds'])} seeds)")  # fmt: skip
+            if len(r["seeds"]) > 1:
+                xs = [n for n in pairs for _ in r["values"][n]]
+                ys = [a for n in pairs for a in r["values"][n]]
+                ax.scatter(xs, ys, s=10, alpha=0.5, color=bars[0].get_color(), zorder=3)
         ax.axhline(chance, color="gray", ls=":", label="chance")
         ax.set_xscale("log", base=2)
         ax.set_ylim(0, 1.02)

@@ -110,7 +110,7 @@ def test_summarize_gives_mean_and_range_over_seeds():
     rows = recall.summarize(runs)
     assert [(r["head_dim"], r["mixer"]) for r in rows] == [(8, "lightning"), (16, "softmax")]
     softmax = rows[1]
-    assert softmax["seeds"] == [0, 1, 2]
+    assert softmax["seeds"] == [0, 1, 2] and softmax["values"][1] == [0.5, 0.9, 0.7]
     assert softmax["mean"][1] == pytest.approx(0.7) and softmax["std"][1] == pytest.approx(0.2)
     assert (softmax["min"][2], softmax["max"][2]) == (0.25, 0.45)
     assert rows[0]["std"][1] == 0.0

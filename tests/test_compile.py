@@ -48,7 +48,7 @@ def _jobs() -> list[compile_report.Job]:
     )  # fmt: skip
 
 
-# With segment ids (issue 15): bf16, d = e = 128 and the awkward shape, every kernel of
+# With segment ids: bf16, d = e = 128 and the awkward shape, every kernel of
 # H200 (Triton, Mosaic GPU), v5e and v6e (Mosaic TPU), forward and forward+backward.
 SEGMENTED_SHAPES = [SHAPES[0], SHAPES[2]]
 

@@ -36,12 +36,12 @@ def test_node_id(classname, name, want):
     assert suite_time.node_id(classname, name) == want
 
 
-def test_issue_11_share(tmp_path):
+def test_precision_tests_share(tmp_path):
     path = tmp_path / "junit.xml"
     path.write_text(JUNIT)
     cases = suite_time.read_junit(str(path))
     assert [c.outcome for c in cases] == ["passed", "passed", "failed", "passed", "skipped"]
-    share = suite_time.suite_share(cases, suite_time.ISSUE_11_TESTS)
+    share = suite_time.suite_share(cases, suite_time.PRECISION_TESTS)
     # n2048 (3.0), carried state (2.0), collective bytes (0.5); not the n65 case, not the rest.
     assert share["added_tests"] == 3 and share["added_s"] == pytest.approx(5.5)
     assert share["total_s"] == pytest.approx(10.0)

@@ -15,8 +15,8 @@ Run the whole suite once with a junit file, then this script on it:
 
 --tests takes fnmatch patterns (`*`, `?`, `[` quoted as `[[]`) matched against
 node ids built from the junit record, `tests/test_pallas.py::TestTritonInterpret::
-test_low_precision[b1h2n2048d16e16-none-blkNone-bf16]`. The default is ISSUE_11_TESTS:
-the precision and carried-state tests (`git diff 17b833f^1 17b833f -- tests/`), including
+test_low_precision[b1h2n2048d16e16-none-blkNone-bf16]`. The default is PRECISION_TESTS:
+the precision and carried-state tests (added together in commit 17b833f), including
 the parametrized cases of the shared base class (`tests/op_test_base.py`), which every
 implementation's class runs. A test's time is its junit `time` (setup, call
 and teardown); module-level fixtures and collection are in the total only.
@@ -37,17 +37,17 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list(
     "tests",
     None,
-    "fnmatch patterns of node ids to count as added (default: ISSUE_11_TESTS).",
+    "fnmatch patterns of node ids to count as added (default: PRECISION_TESTS).",
 )
 flags.DEFINE_integer("top", 10, "List this many of the slowest added tests.", lower_bound=1)
 flags.DEFINE_string("json", None, "Also write the figures here as JSON.")
 
-# The tests issue 11 added (merge 17b833f): the long low-precision cases and the
+# The precision tests (added in merge 17b833f): the long low-precision cases and the
 # float32-state probe of the shared base class (every implementation), the shard_map
 # type-check test moved into the base class (new for the Pallas classes; test_xla's
 # own copy existed before, so TestXla's is not counted), the FLOP and collective-byte
 # tests of the benchmarks, and the Pallas kernels inside sequence parallelism.
-ISSUE_11_TESTS = (
+PRECISION_TESTS = (
     "*::test_low_precision[[]*n2048*",
     "*::test_low_precision[[]*n4096*",
     "*::test_carried_state_is_float32[[]*",
@@ -138,7 +138,7 @@ def suite_share(cases: list[Case], patterns: tuple[str, ...]) -> dict:
 def main(argv):
     if len(argv) < 2:
         raise cli.UsageError("usage: suite_time.py JUNIT_XML [JUNIT_XML ...] [--tests=PATTERN,...]")
-    patterns = tuple(FLAGS.tests) if FLAGS.tests else ISSUE_11_TESTS
+    patterns = tuple(FLAGS.tests) if FLAGS.tests else PRECISION_TESTS
     paths = argv[1:]
     share = suite_share([case for path in paths for case in read_junit(path)], patterns)
     print(f"{' + '.join(paths)}: {share['tests']} tests, {share['total_s']:.1f} s in all")

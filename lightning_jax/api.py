@@ -251,8 +251,7 @@ def lightning_attention(
         check_segment_ids(
             segment_ids, dims.batch, dims.seq, hint=lambda n: layout_hint(layout, q, n, "seq")
         )
-    name = check_options(impl, return_final_state, block_size, interpret, precision)
-    check_impl_dtype(name, q)
+    name = check_options(impl, return_final_state, block_size, interpret, precision, q.dtype)
     return attention(
         q,
         k,
@@ -269,8 +268,9 @@ def lightning_attention(
     )
 
 
-def check_options(impl, return_final_state, block_size, interpret, precision="default") -> str:
-    """Checks the op's options; returns the implementation's name ("auto" resolved)."""
+def check_options(impl, return_final_state, block_size, interpret, precision, dtype) -> str:
+    """Checks the op's options for inputs of `dtype`; returns the implementation's name
+    ("auto" resolved). float64 runs on "xla" and "reference" only."""
     if not isinstance(return_final_state, bool):
         raise TypeError(f"return_final_state must be a bool, got {return_final_state!r}")
     if block_size is not None and (
@@ -281,16 +281,13 @@ def check_options(impl, return_final_state, block_size, interpret, precision="de
         raise TypeError(f"interpret must be None or a bool, got {interpret!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return _resolve_impl(impl)
-
-
-def check_impl_dtype(name: str, q: jax.Array) -> None:
-    """float64 runs on "xla" and "reference" only."""
-    if name in _PALLAS_IMPLS and q.dtype == jnp.float64:
+    name = _resolve_impl(impl)
+    if name in _PALLAS_IMPLS and dtype == jnp.float64:
         raise TypeError(
             "q, k, v are float64; the Pallas kernels take float32, bfloat16 or float16 "
             '(use impl="xla" for float64)'
         )
+    return name
 
 
 def attention(

@@ -63,7 +63,7 @@ from lightning_jax._checks import (
 from lightning_jax._vma import axis_names as _axis_names
 from lightning_jax._vma import to_varying as _to_varying
 from lightning_jax._vma import varying_axes as _varying_axes
-from lightning_jax.api import attention, check_impl_dtype, check_options
+from lightning_jax.api import attention, check_options
 
 HIGHEST = lax.Precision.HIGHEST
 COMBINES = ("ppermute", "all_gather")
@@ -404,9 +404,8 @@ def _check_call(q, k, v, slopes, initial_state, segment_ids, options: dict, layo
     slopes = check_inputs(q, k, v, slopes, initial_state, layout)
     name = check_options(
         options["impl"], options["return_final_state"], options["block_size"],
-        options["interpret"],
+        options["interpret"], "default", q.dtype,
     )  # fmt: skip
-    check_impl_dtype(name, q)
     if options["combine"] not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {options['combine']!r}")
     if segment_ids is not None:

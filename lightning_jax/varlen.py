@@ -8,7 +8,7 @@ import numpy as np
 from jax import lax
 
 from lightning_jax._checks import check_inputs, compute_dtype, dims_of
-from lightning_jax.api import attention, check_impl_dtype, check_options
+from lightning_jax.api import attention, check_options
 from lightning_jax.xla import MATMUL_PRECISION
 
 
@@ -111,8 +111,7 @@ def lightning_attention_varlen(
             )
     if not isinstance(return_final_states, bool):
         raise TypeError(f"return_final_states must be a bool, got {return_final_states!r}")
-    name = check_options(impl, False, block_size, interpret, precision)
-    check_impl_dtype(name, q)
+    name = check_options(impl, False, block_size, interpret, precision, q.dtype)
 
     lengths = np.diff(cu)
     segment_ids = jnp.asarray(np.repeat(np.arange(n, dtype=np.int32), lengths)[None])
